@@ -1,0 +1,48 @@
+"""Fused kernels for prototype-based semantic segmentation (ProtoSeg, CVPR 2022).
+
+Public ops (SPEC §3), each a ``torch.library`` custom op in namespace ``protoseg``
+with fake implementations and autograd:
+
+* :func:`prototype_similarity` — S [N, C, K]
+* :func:`class_scores` — max (or logsumexp) over each class's K prototypes, plus
+  an optional log-sum-exp over all C·K prototypes
+* :func:`ppc_ppd_loss` — the PPC and PPD losses
+* :func:`sinkhorn_assign` — per-class Sinkhorn clustering, all classes at once
+* :func:`update_prototypes` — momentum update of the prototypes
+* :func:`gumbel_index` — the original code's Gumbel assignment (compatibility)
+
+Backends: ``reference``, ``cpu``, ``triton``, ``cuda`` (see
+:func:`available_backends`, :func:`use_backend` and ``$PROTOSEG_BACKEND``).
+"""
+
+from ._backend import available_backends, use_backend
+from .class_scores import (
+    ScoresWithIndex,
+    ScoresWithIndexAndLse,
+    ScoresWithLse,
+    class_scores,
+)
+from .gumbel_index import gumbel_index
+from .ppc_ppd_loss import PpcPpdLoss, ppc_ppd_loss
+from .prototype_similarity import prototype_similarity
+from .sinkhorn_assign import SinkhornResult, sinkhorn_assign
+from .update_prototypes import PrototypeUpdate, update_prototypes
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PpcPpdLoss",
+    "PrototypeUpdate",
+    "ScoresWithIndex",
+    "ScoresWithIndexAndLse",
+    "ScoresWithLse",
+    "SinkhornResult",
+    "available_backends",
+    "class_scores",
+    "gumbel_index",
+    "ppc_ppd_loss",
+    "prototype_similarity",
+    "sinkhorn_assign",
+    "update_prototypes",
+    "use_backend",
+]

@@ -1,0 +1,163 @@
+"""Argument validation shared by every op.
+
+Each check raises where the bad value enters, with a message of the form
+``"<op>: <argument> must be <expected>, got <actual>"``. Shape, dtype and device
+checks are free (no data is read); :func:`check_index_range` reads the data once
+(one host synchronisation) and is skipped when the caller passes ``validate=False``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def _shape(t: torch.Tensor) -> str:
+    return str(tuple(t.shape))
+
+
+def check_tensor(op: str, name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_float_tensor(op: str, name: str, value: object, ndim: int, layout: str) -> torch.Tensor:
+    """A floating tensor of rank ``ndim``; ``layout`` (e.g. "[N, D]") is quoted in errors."""
+    t = check_tensor(op, name, value)
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{op}: {name} must be a floating tensor (float16, bfloat16, float32 or float64), "
+            f"got dtype {t.dtype}"
+        )
+    if t.dim() != ndim:
+        raise ValueError(f"{op}: {name} must have shape {layout}, got shape {_shape(t)}")
+    return t
+
+
+def check_features_and_prototypes(
+    op: str, x: object, prototypes: object
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check ``x`` [N, D] and ``prototypes`` [C, K, D]; return them with the
+    prototypes cast to ``x``'s dtype (prototypes are small: casting them costs
+    nothing, while casting ``x`` would copy N·D elements)."""
+    x = check_float_tensor(op, "x", x, 2, "[N, D]")
+    prototypes = check_float_tensor(op, "prototypes", prototypes, 3, "[C, K, D]")
+    if x.device != prototypes.device:
+        raise ValueError(
+            f"{op}: prototypes must be on the same device as x ({x.device}), "
+            f"got {prototypes.device}"
+        )
+    if x.shape[1] == 0:
+        raise ValueError(f"{op}: x must have at least one feature column (D > 0), got shape {_shape(x)}")
+    if prototypes.shape[0] == 0 or prototypes.shape[1] == 0:
+        raise ValueError(
+            f"{op}: prototypes must have C > 0 classes and K > 0 prototypes per class, "
+            f"got shape {_shape(prototypes)}"
+        )
+    if prototypes.shape[2] != x.shape[1]:
+        raise ValueError(
+            f"{op}: prototypes must have the embedding size of x (D = {x.shape[1]}) in their "
+            f"last dimension, got shape {_shape(prototypes)}"
+        )
+    return x, prototypes.to(x.dtype)
+
+
+def check_index_tensor(
+    op: str, name: str, value: object, length: int, device: torch.device
+) -> torch.Tensor:
+    """A 1-D integer tensor of ``length`` elements on ``device``."""
+    t = check_tensor(op, name, value)
+    if t.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{op}: {name} must be an integer tensor, got dtype {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != length:
+        raise ValueError(f"{op}: {name} must have shape [N] = ({length},), got shape {_shape(t)}")
+    if t.device != device:
+        raise ValueError(f"{op}: {name} must be on the same device as x ({device}), got {t.device}")
+    return t
+
+
+def check_mask(op: str, value: object, length: int, device: torch.device) -> torch.Tensor:
+    t = check_tensor(op, "mask", value)
+    if t.dtype != torch.bool:
+        raise TypeError(f"{op}: mask must be a bool tensor, got dtype {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != length:
+        raise ValueError(f"{op}: mask must have shape [N] = ({length},), got shape {_shape(t)}")
+    if t.device != device:
+        raise ValueError(f"{op}: mask must be on the same device as x ({device}), got {t.device}")
+    return t
+
+
+def check_bool(op: str, name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_int(op: str, name: str, value: object, *, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_real(op: str, name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{op}: {name} must be a float, got {type(value).__name__}")
+    return float(value)
+
+
+def check_positive_finite(op: str, name: str, value: object) -> float:
+    v = _check_real(op, name, value)
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{op}: {name} must be a positive finite number, got {value}")
+    return v
+
+
+def check_unit_interval(op: str, name: str, value: object) -> float:
+    v = _check_real(op, name, value)
+    if not (0.0 <= v <= 1.0):
+        raise ValueError(f"{op}: {name} must be in [0, 1], got {value}")
+    return v
+
+
+def check_choice(op: str, name: str, value: object, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        options = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{op}: {name} must be one of {options}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def valid_index_mask(index: torch.Tensor, upper: int, ignore_index: int) -> torch.Tensor:
+    """True where ``index`` is a real entry: in [0, upper) and not ``ignore_index``."""
+    return (index != ignore_index) & (index >= 0) & (index < upper)
+
+
+def sanitize_index(index: torch.Tensor, upper: int, ignore_index: int) -> torch.Tensor:
+    """int64 copy of ``index`` with every ignored or out-of-range entry set to -1.
+
+    Backends only ever see this form, so no kernel can be handed an index that
+    addresses memory outside [0, upper).
+    """
+    return torch.where(valid_index_mask(index, upper, ignore_index), index.long(), -1)
+
+
+def check_index_range(
+    op: str, name: str, index: torch.Tensor, upper: int, ignore_index: int, meaning: str
+) -> None:
+    """Raise ValueError if ``index`` holds a value outside [0, upper) other than
+    ``ignore_index``. Reads the data: one host synchronisation."""
+    if index.numel() == 0:
+        return
+    bad = (index != ignore_index) & ((index < 0) | (index >= upper))
+    if bool(bad.any()):
+        first = int(index[bad.nonzero()[0, 0]])
+        raise ValueError(
+            f"{op}: {name} must hold {meaning} in [0, {upper}) or ignore_index={ignore_index}, "
+            f"found {first} (pass validate=False to treat out-of-range values as ignored)"
+        )

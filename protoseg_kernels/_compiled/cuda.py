@@ -1,0 +1,29 @@
+"""The ``cuda`` backend: CUDA C++ kernels of ``csrc/cuda`` on CUDA tensors."""
+
+from __future__ import annotations
+
+import torch
+
+from . import REBUILD_HINT, bind_kernels, has_kernel, load_extension
+
+bind_kernels("protoseg", globals())
+
+
+def unavailable_reason() -> str | None:
+    _, reason = load_extension("_C")
+    if reason:
+        return reason
+    if not has_kernel("protoseg", "class_scores_forward", "CUDA"):
+        return (
+            "protoseg_kernels._C was built without CUDA kernels (no CUDA toolkit found at build "
+            f"time, or PROTOSEG_SKIP_CUDA=1); set CUDA_HOME and {REBUILD_HINT}"
+        )
+    return None
+
+
+def device_reason(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return f"the cuda backend serves CUDA tensors only, got {device.type} tensors"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    return None

@@ -1,0 +1,27 @@
+"""The ``cuda_emulated`` backend (tests only): the CUDA kernel sources of
+``csrc/cuda`` compiled by the host C++ compiler with the emulation header of
+``csrc/emulation`` and run on CPU tensors (SPEC §6). Slow by design."""
+
+from __future__ import annotations
+
+import torch
+
+from . import bind_kernels, load_extension
+
+NAMESPACE = "protoseg_emulated"
+bind_kernels(NAMESPACE, globals())
+
+
+def unavailable_reason() -> str | None:
+    _, reason = load_extension("_C_emulated")
+    if reason:
+        return reason.replace(
+            "rebuild it with", "build it with `PROTOSEG_BUILD_EMULATION=1` and"
+        )
+    return None
+
+
+def device_reason(device: torch.device) -> str | None:
+    if device.type != "cpu":
+        return f"the cuda_emulated backend runs CUDA kernels on CPU tensors only, got {device.type} tensors"
+    return None

@@ -1,0 +1,28 @@
+"""Small helpers shared by the op modules (registration and autograd glue)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+NAMESPACE = "protoseg"
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the ops: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def or_empty(t: Tensor | None, like: Tensor) -> Tensor:
+    """Custom ops cannot return None: an absent tensor travels as an empty one."""
+    return like.new_empty(0) if t is None else t
+
+
+def prototype_grad_or_none(grad: Tensor, needed: bool) -> Tensor | None:
+    return grad if needed else None
+
+
+def keep_ungiven_grads_none(ctx: object) -> None:
+    """Ask autograd to pass ``None`` (not zeros) for outputs that got no gradient,
+    so a backward kernel can skip the work for them."""
+    ctx.set_materialize_grads(False)  # type: ignore[attr-defined]

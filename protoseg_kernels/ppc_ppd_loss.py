@@ -1,0 +1,156 @@
+"""``ppc_ppd_loss``: the prototype contrast (PPC) and distance (PPD) losses (SPEC §3.3).
+
+For each valid pixel i with target prototype t_i (a flat index c·K + k):
+
+    ppc_i = log Σ_j exp(S_ij/τ) − S_it/τ        (cross-entropy over all C·K)
+    ppd_i = (1 − S_it)²
+
+Gradient: dS_ij = g_ppc·(softmax_j(S_i/τ) − [j = t_i])/τ − 2·g_ppd·(1 − S_it)·[j = t_i].
+Fused backends run an online log-sum-exp over prototype blocks forward and
+recompute S in backward, never holding N×C×K.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ._backend import get_backend, resolve_backend
+from ._checks import (
+    check_bool,
+    check_choice,
+    check_features_and_prototypes,
+    check_index_range,
+    check_index_tensor,
+    check_int,
+    check_positive_finite,
+    sanitize_index,
+    valid_index_mask,
+)
+from ._op_utils import compute_dtype, keep_ungiven_grads_none, or_empty, prototype_grad_or_none
+
+OP = "ppc_ppd_loss"
+REDUCTIONS = ("mean", "sum", "none")
+
+
+class PpcPpdLoss(NamedTuple):
+    ppc: Tensor
+    ppd: Tensor
+
+
+@torch.library.custom_op("protoseg::ppc_ppd_loss", mutates_args=())
+def _ppc_ppd_op(
+    x: Tensor, prototypes: Tensor, target: Tensor, normalize: bool, temperature: float,
+    ignore_index: int, validate: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    upper = prototypes.shape[0] * prototypes.shape[1]
+    if validate:
+        check_index_range(OP, "target", target, upper, ignore_index, "flat prototype indices")
+    flat_target = sanitize_index(target, upper, ignore_index)
+    return get_backend(backend).ppc_ppd_forward(x, prototypes, flat_target, normalize, temperature)
+
+
+@_ppc_ppd_op.register_fake
+def _(x, prototypes, target, normalize, temperature, ignore_index, validate, backend):
+    n, dtype = x.shape[0], compute_dtype(x.dtype)
+    return x.new_empty(n, dtype=dtype), x.new_empty(n, dtype=dtype), x.new_empty(n, dtype=dtype)
+
+
+@torch.library.custom_op("protoseg::ppc_ppd_loss_backward", mutates_args=())
+def _ppc_ppd_backward_op(
+    grad_ppc: Tensor | None, grad_ppd: Tensor | None, x: Tensor, prototypes: Tensor,
+    target: Tensor, lse: Tensor, normalize: bool, temperature: float, ignore_index: int,
+    need_prototype_grad: bool, backend: str,
+) -> tuple[Tensor, Tensor]:
+    flat_target = sanitize_index(target, prototypes.shape[0] * prototypes.shape[1], ignore_index)
+    grad_x, grad_p = get_backend(backend).ppc_ppd_backward(
+        grad_ppc, grad_ppd, x, prototypes, flat_target, lse, normalize, temperature,
+        need_prototype_grad,
+    )
+    return grad_x, or_empty(grad_p, prototypes)
+
+
+@_ppc_ppd_backward_op.register_fake
+def _(grad_ppc, grad_ppd, x, prototypes, target, lse, normalize, temperature, ignore_index,
+      need_prototype_grad, backend):
+    grad_p = torch.empty_like(prototypes) if need_prototype_grad else prototypes.new_empty(0)
+    return torch.empty_like(x), grad_p
+
+
+def _setup_context(ctx, inputs, output):
+    x, prototypes, target, normalize, temperature, ignore_index, _, backend = inputs
+    ctx.save_for_backward(x, prototypes, target, output[2])
+    ctx.args = (normalize, temperature, ignore_index)
+    ctx.backend = backend
+    keep_ungiven_grads_none(ctx)
+
+
+def _backward(ctx, grad_ppc, grad_ppd, grad_lse):
+    x, prototypes, target, lse = ctx.saved_tensors
+    need_p = ctx.needs_input_grad[1]
+    nones = (None,) * 6
+    if grad_ppc is None and grad_ppd is None:
+        return (None, None, *nones)
+    grad_x, grad_p = _ppc_ppd_backward_op(
+        grad_ppc, grad_ppd, x, prototypes, target, lse, *ctx.args, need_p, ctx.backend
+    )
+    return (grad_x, prototype_grad_or_none(grad_p, need_p), *nones)
+
+
+_ppc_ppd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _reduce(per_pixel: Tensor, valid: Tensor, reduction: str) -> Tensor:
+    if reduction == "none":
+        return per_pixel
+    total = per_pixel.sum()
+    if reduction == "sum":
+        return total
+    # Mean over valid pixels; 0 with zero gradient when there is none.
+    return total / valid.sum().clamp_min(1).to(total.dtype)
+
+
+def ppc_ppd_loss(
+    x: Tensor,
+    prototypes: Tensor,
+    target: Tensor,
+    *,
+    normalize: bool = True,
+    temperature: float = 1.0,
+    ignore_index: int = -1,
+    reduction: str = "mean",
+    validate: bool = True,
+) -> PpcPpdLoss:
+    """Pixel-prototype contrastive (PPC) and distance (PPD) losses.
+
+    Args:
+        x: [N, D] pixel embeddings.
+        prototypes: [C, K, D] (cast to ``x``'s dtype).
+        target: [N] integer flat prototype indices c·K + k, or ``ignore_index``.
+        normalize: l2-normalise ``x`` and ``prototypes`` inside the op.
+        temperature: τ of the PPC softmax over all C·K prototypes.
+        ignore_index: target value of pixels without a loss.
+        reduction: ``"mean"`` over valid pixels (0 with zero gradient if none),
+            ``"sum"``, or ``"none"`` ([N], 0 at ignored pixels).
+        validate: raise ``ValueError`` on targets outside [0, C·K) that are not
+            ``ignore_index`` (one host sync); with ``False`` they are ignored.
+
+    Returns:
+        ``PpcPpdLoss(ppc, ppd)``, fp32 (fp64 for fp64 inputs). Differentiable in
+        ``x`` and ``prototypes``.
+    """
+    x, prototypes = check_features_and_prototypes(OP, x, prototypes)
+    target = check_index_tensor(OP, "target", target, x.shape[0], x.device)
+    normalize = check_bool(OP, "normalize", normalize)
+    temperature = check_positive_finite(OP, "temperature", temperature)
+    ignore_index = check_int(OP, "ignore_index", ignore_index)
+    reduction = check_choice(OP, "reduction", reduction, REDUCTIONS)
+    validate = check_bool(OP, "validate", validate)
+    ppc, ppd, _ = _ppc_ppd_op(
+        x, prototypes, target, normalize, temperature, ignore_index, validate,
+        resolve_backend(x.device),
+    )
+    valid = valid_index_mask(target, prototypes.shape[0] * prototypes.shape[1], ignore_index)
+    return PpcPpdLoss(_reduce(ppc, valid, reduction), _reduce(ppd, valid, reduction))

@@ -1,0 +1,72 @@
+"""Test configuration shared by every test file.
+
+* Deterministic algorithms are switched on with uninitialised-memory filling, so
+  every ``torch.empty`` (in Python, Triton launchers or C++ ``at::empty``) starts
+  as NaN / INT_MAX: an element a kernel forgets to write shows up as a failure
+  (SPEC §5, "poison outputs").
+* ``PROTOSEG_REQUIRE_BACKENDS=cpu,triton,...`` (set by ``make test``) turns the
+  skip of an unavailable backend into a failure, so CI cannot go green on a
+  kernel that was never run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import protoseg_kernels as pk  # noqa: E402
+from protoseg_kernels._backend import unavailable_reason  # noqa: E402
+
+# Backends besides the reference that can run on CPU tensors here; each is compared
+# with the reference by the op test files.
+FUSED_CPU_BACKENDS = ("cpu", "triton", "cuda_emulated")
+
+
+@pytest.fixture(autouse=True)
+def _poison_uninitialised_memory():
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
+def _required_backends() -> set[str]:
+    value = os.environ.get("PROTOSEG_REQUIRE_BACKENDS", "")
+    return {name.strip() for name in value.split(",") if name.strip()}
+
+
+def require_backend(name: str) -> None:
+    """Skip (or fail, if required) when backend ``name`` cannot run on CPU tensors."""
+    reason = unavailable_reason(name)
+    if reason is None:
+        return
+    if name in _required_backends():
+        pytest.fail(f"backend {name!r} is required by PROTOSEG_REQUIRE_BACKENDS but unavailable: {reason}")
+    pytest.skip(f"backend {name!r} unavailable: {reason}")
+
+
+@pytest.fixture(params=FUSED_CPU_BACKENDS)
+def fused_backend(request) -> str:
+    require_backend(request.param)
+    return request.param
+
+
+@pytest.fixture
+def reference_backend():
+    with pk.use_backend("reference"):
+        yield "reference"
+
+
+# Ragged shapes (N, D, C, K) each fused backend is compared on. The interpreted and
+# emulated backends run on smaller (still ragged) shapes to keep the suite fast.
+def fused_shapes(backend: str) -> list[tuple[int, int, int, int]]:
+    from helpers import RAGGED_SHAPES, SMALL_SHAPES
+
+    return SMALL_SHAPES if backend in ("triton", "cuda_emulated") else RAGGED_SHAPES
