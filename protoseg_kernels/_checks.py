@@ -70,7 +70,8 @@ def check_features_and_prototypes(
 def check_index_tensor(
     op: str, name: str, value: object, length: int, device: torch.device
 ) -> torch.Tensor:
-    """A 1-D integer tensor of ``length`` elements on ``device``."""
+    """A 1-D integer tensor of ``length`` elements on ``device``, returned as int64
+    (so comparisons with ``ignore_index`` cannot wrap around in a narrow dtype)."""
     t = check_tensor(op, name, value)
     if t.dtype not in INDEX_DTYPES:
         raise TypeError(f"{op}: {name} must be an integer tensor, got dtype {t.dtype}")
@@ -78,7 +79,7 @@ def check_index_tensor(
         raise ValueError(f"{op}: {name} must have shape [N] = ({length},), got shape {_shape(t)}")
     if t.device != device:
         raise ValueError(f"{op}: {name} must be on the same device as x ({device}), got {t.device}")
-    return t
+    return t.long()
 
 
 def check_mask(op: str, value: object, length: int, device: torch.device) -> torch.Tensor:

@@ -16,9 +16,6 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
-import protoseg_kernels as pk
 from helpers import (
     F64,
     Case,
@@ -28,6 +25,9 @@ from helpers import (
     relative_error,
     top2_gap,
 )
+from torch import Tensor
+
+import protoseg_kernels as pk
 
 FP32_TOL = 1e-5
 
@@ -222,7 +222,8 @@ def check_sinkhorn_assign(
         # Plain PyTorch at this dtype: similarities at the dtype, recurrence in fp32.
         plain_q = _plain_sinkhorn_q(x, p, case.labels, normalize, epsilon, iterations)
         tol = _tolerance(dtype, relative_error(plain_q, ref.q))
-    assert out.index.dtype == torch.int64 and out.q.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert out.index.dtype == torch.int64
+    assert out.q.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert_close(out.q, ref.q, tol, "q")
     # argmax of q: near-ties (within the q tolerance scale) may flip.
     assert_index_match(out.index, ref.index, top2_gap(ref.q), tol * 4 + 1e-6, "index")

@@ -3,11 +3,9 @@ every fused backend vs the reference (SPEC §5)."""
 
 from __future__ import annotations
 
+import literal
 import pytest
 import torch
-
-import literal
-import protoseg_kernels as pk
 from conformance import check_class_scores
 from conftest import fused_shapes
 from helpers import (
@@ -19,6 +17,8 @@ from helpers import (
     make_case,
     top2_gap,
 )
+
+import protoseg_kernels as pk
 
 REDUCTIONS = ["max", "logsumexp"]
 
@@ -102,7 +102,9 @@ def test_deterministic(reduction, reference_backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("reduction,lse_temperature", [("max", None), ("max", 0.1), ("logsumexp", None), ("logsumexp", 0.2)])
+@pytest.mark.parametrize(
+    "reduction,lse_temperature", [("max", None), ("max", 0.1), ("logsumexp", None), ("logsumexp", 0.2)]
+)
 def test_fused_backend_matches_reference(fused_backend, dtype, reduction, lse_temperature):
     for i, shape in enumerate(fused_shapes(fused_backend)):
         case = make_case(*shape, seed=10 + i)

@@ -3,14 +3,14 @@ batches, gradients, fused backends."""
 
 from __future__ import annotations
 
+import literal
 import pytest
 import torch
-
-import literal
-import protoseg_kernels as pk
 from conformance import check_ppc_ppd_loss
 from conftest import fused_shapes
 from helpers import RAGGED_SHAPES, SMALL_SHAPES, assert_bitwise_equal, assert_close, make_case
+
+import protoseg_kernels as pk
 
 
 @pytest.mark.parametrize("shape", RAGGED_SHAPES, ids=str)

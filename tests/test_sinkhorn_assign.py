@@ -3,11 +3,9 @@ options, fused backends."""
 
 from __future__ import annotations
 
+import literal
 import pytest
 import torch
-
-import literal
-import protoseg_kernels as pk
 from conformance import check_sinkhorn_assign
 from conftest import fused_shapes
 from helpers import (
@@ -18,6 +16,8 @@ from helpers import (
     make_case,
     top2_gap,
 )
+
+import protoseg_kernels as pk
 
 
 @pytest.mark.parametrize("shape", RAGGED_SHAPES, ids=str)

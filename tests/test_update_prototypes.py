@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import literal
 import pytest
 import torch
-
-import literal
-import protoseg_kernels as pk
 from conformance import check_update_prototypes
 from conftest import fused_shapes
 from helpers import RAGGED_SHAPES, assert_bitwise_equal, assert_close, make_case
+
+import protoseg_kernels as pk
 
 
 @pytest.mark.parametrize("shape", RAGGED_SHAPES, ids=str)

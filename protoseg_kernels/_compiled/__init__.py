@@ -41,7 +41,10 @@ def load_extension(module_name: str) -> tuple[ModuleType | None, str | None]:
     try:
         return importlib.import_module(f"protoseg_kernels.{module_name}"), None
     except ImportError as exc:
-        return None, f"the compiled extension protoseg_kernels.{module_name} is missing or failed to import ({exc}); {REBUILD_HINT}"
+        return None, (
+            f"the compiled extension protoseg_kernels.{module_name} is missing or failed to import "
+            f"({exc}); {REBUILD_HINT}"
+        )
 
 
 def build_info() -> dict[str, Any]:

@@ -20,5 +20,8 @@ def unavailable_reason() -> str | None:
 
 def device_reason(device: torch.device) -> str | None:
     if device.type != "cpu":
-        return f"the cpu backend serves CPU tensors only; use backend 'auto', 'triton' or 'cuda' for {device.type} tensors"
+        return (
+            f"the cpu backend serves CPU tensors only; use backend 'auto', 'triton' or 'cuda' "
+            f"for {device.type} tensors"
+        )
     return None

@@ -1,0 +1,34 @@
+# protoseg-kernels: `make bench` (set up, build, benchmark) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Every fused backend must run in the test suite: a missing one fails instead of skipping.
+REQUIRED_BACKENDS ?=
+STAMP := $(VENV)/.protoseg-installed
+BUILD_INPUTS := setup.py pyproject.toml requirements-dev.txt $(shell find csrc -type f 2>/dev/null)
+
+.PHONY: install test lint env clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Re-installs only when the requirements or the extension sources changed.
+$(STAMP): $(PY) $(BUILD_INPUTS)
+	$(PIP) install --disable-pip-version-check -r requirements-dev.txt
+	PROTOSEG_BUILD_EMULATION=1 $(PIP) install --disable-pip-version-check --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	PROTOSEG_REQUIRE_BACKENDS=$(REQUIRED_BACKENDS) $(PY) -m pytest -q
+
+lint: install
+	$(PY) -m ruff check .
+
+env: install
+	$(PY) -m protoseg_kernels.env
+
+clean:
+	rm -rf build *.egg-info protoseg_kernels/*.so protoseg_kernels/_build_info.json

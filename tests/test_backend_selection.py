@@ -1,0 +1,107 @@
+"""Backend selection (SPEC §4): auto, use_backend, $PROTOSEG_BACKEND, explicit
+backends that cannot serve, and import without the optional parts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import protoseg_kernels as pk
+from protoseg_kernels import _backend
+
+
+def test_reference_is_always_available():
+    assert "reference" in pk.available_backends()
+    assert set(pk.available_backends()) <= set(_backend.BACKEND_NAMES)
+
+
+def test_auto_on_cpu_prefers_cpu_backend_then_reference():
+    expected = "cpu" if "cpu" in pk.available_backends() else "reference"
+    with pk.use_backend("auto"):
+        assert _backend.resolve_backend(torch.device("cpu")) == expected
+
+
+def test_use_backend_nests_and_restores():
+    with pk.use_backend("reference"):
+        assert _backend.requested_backend() == "reference"
+        with pk.use_backend("auto"):
+            assert _backend.requested_backend() == "auto"
+        assert _backend.requested_backend() == "reference"
+
+
+def test_use_backend_restores_after_exception():
+    depth = len(_backend._override_stack)
+    with pytest.raises(KeyError), pk.use_backend("reference"):
+        raise KeyError
+    assert len(_backend._override_stack) == depth
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with pk.use_backend("fast"):
+            pass
+
+
+def test_environment_variable(monkeypatch):
+    monkeypatch.setenv("PROTOSEG_BACKEND", "reference")
+    assert _backend.requested_backend() == "reference"
+    monkeypatch.setenv("PROTOSEG_BACKEND", "bogus")
+    with pytest.raises(RuntimeError, match="PROTOSEG_BACKEND='bogus'"):
+        _backend.requested_backend()
+
+
+def test_explicit_backend_that_cannot_serve_cpu_tensors_raises():
+    x, p = torch.randn(4, 3), torch.randn(2, 2, 3)
+    with pk.use_backend("cuda"), pytest.raises(RuntimeError, match="backend 'cuda' cannot run on cpu"):
+        pk.class_scores(x, p)
+
+
+def test_explicit_unavailable_backend_says_how_to_fix(monkeypatch):
+    monkeypatch.setitem(_backend._MODULES, "cpu", "protoseg_kernels.no_such_module")
+    _backend._load.cache_clear()
+    try:
+        with pk.use_backend("cpu"), pytest.raises(RuntimeError, match="backend 'cpu' cannot run.*no_such_module"):
+            pk.class_scores(torch.randn(4, 3), torch.randn(2, 2, 3))
+        assert "cpu" not in pk.available_backends()
+    finally:
+        _backend._load.cache_clear()
+
+
+def test_auto_falls_back_to_reference_when_nothing_else(monkeypatch):
+    monkeypatch.setitem(_backend._MODULES, "cpu", "protoseg_kernels.no_such_module")
+    _backend._load.cache_clear()
+    try:
+        assert _backend.resolve_backend(torch.device("cpu")) == "reference"
+    finally:
+        _backend._load.cache_clear()
+
+
+def test_import_without_extension_and_triton():
+    # A fresh interpreter in which neither the compiled extension nor triton imports.
+    code = (
+        "import sys\n"
+        "sys.modules['triton'] = None\n"
+        "sys.modules['protoseg_kernels._C'] = None\n"
+        "import torch, protoseg_kernels as pk\n"
+        "from protoseg_kernels._backend import unavailable_reason\n"
+        "print(pk.available_backends())\n"
+        "print(pk.class_scores(torch.randn(5, 3), torch.randn(2, 2, 3)).shape)\n"
+        "print(unavailable_reason('cpu'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PROTOSEG_BACKEND"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    lines = out.strip().splitlines()
+    assert lines[0] == "['reference']"
+    assert lines[1] == "torch.Size([5, 2])"
+    assert "pip install --no-build-isolation" in lines[2]
+
+
+def test_env_report_runs():
+    out = subprocess.run([sys.executable, "-m", "protoseg_kernels.env"], capture_output=True, text=True,
+                         check=True).stdout
+    for key in ("torch", "triton", "backends:", "reference", "extension_build"):
+        assert key in out

@@ -1,0 +1,69 @@
+"""process_group semantics (SPEC §3.4, §3.5) with 2 gloo processes on CPU: with the
+group every rank gets the single-process result on the concatenated pixels; without
+it each rank gets its local result."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import FUSED_CPU_BACKENDS, require_backend
+from distributed_worker import run_rank
+from helpers import assert_close, assert_index_match, make_case, top2_gap
+
+import protoseg_kernels as pk
+
+SIZES = (613, 418)  # ragged shards of different sizes
+
+
+def _shards():
+    case = make_case(sum(SIZES), 24, 6, 5, seed=17, peaked_fraction=0.3)
+    mask = torch.rand(sum(SIZES), generator=torch.Generator().manual_seed(3)) < 0.8
+    full = {"x": case.x.float(), "prototypes": case.prototypes.float(), "labels": case.labels, "mask": mask}
+    cuts = [0, SIZES[0], sum(SIZES)]
+    shards = [{k: (v if k == "prototypes" else v[cuts[r]:cuts[r + 1]]) for k, v in full.items()} for r in range(2)]
+    return full, shards
+
+
+def _single_process(data, backend):
+    with pk.use_backend(backend):
+        sk = pk.sinkhorn_assign(data["x"], data["prototypes"], data["labels"], return_q=True, epsilon=0.1,
+                                iterations=4)
+        up = pk.update_prototypes(data["prototypes"], data["x"], data["labels"], sk.index, mask=data["mask"],
+                                  momentum=0.8)
+    return sk, up
+
+
+@pytest.mark.parametrize("backend", ("reference",) + FUSED_CPU_BACKENDS)
+def test_two_gloo_ranks_match_single_process(backend, tmp_path):
+    if backend != "reference":
+        require_backend(backend)
+    full, shards = _shards()
+    mp.spawn(run_rank, args=(2, str(tmp_path / "init"), str(tmp_path), shards, backend), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+    sk, up = _single_process(full, backend)
+    global_index = torch.cat([r["global"]["index"] for r in results])
+    global_q = torch.cat([r["global"]["q"] for r in results])
+    assert_close(global_q, sk.q, 1e-5, "q")
+    assert_index_match(global_index, sk.index, top2_gap(sk.q), 1e-5)
+    for r in results:
+        assert torch.equal(r["global"]["prototypes"], results[0]["global"]["prototypes"]), "ranks disagree"
+        assert torch.equal(r["global"]["counts"], up.counts)
+    # Same assignment on both sides, so the update must match closely.
+    up_same_index = _single_process_update(full, global_index, backend)
+    assert_close(results[0]["global"]["prototypes"], up_same_index.prototypes, 1e-6, "prototypes")
+
+    for rank, shard in enumerate(shards):
+        local_sk, local_up = _single_process(shard, backend)
+        assert torch.equal(results[rank]["local"]["index"], local_sk.index)
+        assert torch.equal(results[rank]["local"]["q"], local_sk.q)
+        assert torch.equal(results[rank]["local"]["prototypes"], local_up.prototypes)
+    # The global clustering really differs from the per-rank one on this data.
+    assert not torch.equal(results[0]["global"]["q"], results[0]["local"]["q"])
+
+
+def _single_process_update(data, index, backend):
+    with pk.use_backend(backend):
+        return pk.update_prototypes(data["prototypes"], data["x"], data["labels"], index,
+                                    mask=data["mask"], momentum=0.8)
