@@ -1,0 +1,230 @@
+// class_scores (SPEC §3.2): per-class max (first argmax) or τ·log-sum-exp over the K
+// prototypes of each class, and optionally the log-sum-exp over all C·K prototypes at
+// temperature τ', all from one similarity GEMM per tile. Backward recomputes the tile,
+// forms dS in place and needs one more GEMM for dx (two more with dP).
+//
+// The prepared prototypes are in PrototypeMajor order: a pixel's S row is K contiguous
+// vectors over the classes, so every per-class reduction over k is element-wise.
+#include <cmath>
+#include <vector>
+
+#include "cpu/checks.h"
+#include "cpu/kernels.h"
+#include "cpu/similarity_tiles.h"
+
+namespace protoseg::cpu {
+namespace {
+
+constexpr const char* kForward = "protoseg::_class_scores_forward";
+constexpr const char* kBackward = "protoseg::_class_scores_backward";
+
+bool is_max_reduction(const char* kernel, c10::string_view reduction) {
+  TORCH_CHECK(reduction == "max" || reduction == "logsumexp", kernel,
+              ": reduction must be 'max' or 'logsumexp', got '", std::string(reduction), "'");
+  return reduction == "max";
+}
+
+// Per-class statistics of one pixel's S row: best[c] = max_k S[k, c], arg[c] its first
+// argmax, and (for the log-sum-exp reduction) sum[c] = Σ_k exp((S[k, c] − best[c])/τ).
+template <typename acc_t>
+struct ClassStats {
+  int64_t classes, per_class;
+  std::vector<acc_t> best, sum;
+  std::vector<int32_t> arg;
+
+  ClassStats(int64_t c, int64_t k) : classes(c), per_class(k), best(c), sum(c), arg(c) {}
+
+  void max_over_prototypes(const acc_t* s) {
+    std::copy(s, s + classes, best.begin());
+    std::fill(arg.begin(), arg.end(), 0);
+    for (int64_t k = 1; k < per_class; ++k) {
+      const acc_t* v = s + k * classes;
+      for (int64_t c = 0; c < classes; ++c) {
+        const bool take = v[c] > best[c] || v[c] != v[c];  // strict: the first maximum wins
+        best[c] = take ? v[c] : best[c];
+        arg[c] = take ? static_cast<int32_t>(k) : arg[c];
+      }
+    }
+  }
+
+  // Needs max_over_prototypes first.
+  void shifted_sums(const acc_t* s, acc_t inv_temperature) {
+    std::fill(sum.begin(), sum.end(), acc_t(0));
+    for (int64_t k = 0; k < per_class; ++k) {
+      const acc_t* v = s + k * classes;
+      for (int64_t c = 0; c < classes; ++c) sum[c] += vexp((v[c] - best[c]) * inv_temperature);
+    }
+  }
+};
+
+struct ScoreOptions {
+  bool max_reduction;
+  double temperature;
+  std::optional<double> lse_temperature;
+};
+
+template <typename scalar_t, typename acc_t>
+void class_scores_forward_impl(const at::Tensor& x, const at::Tensor& prototypes, bool normalize,
+                               const ScoreOptions& opt, at::Tensor& scores, at::Tensor& index,
+                               at::Tensor& lse) {
+  const auto p = prepare_prototypes<scalar_t, acc_t>(prototypes, normalize, PrototypeOrder::PrototypeMajor);
+  const int64_t classes = p.classes, m = p.count;
+  const acc_t tau = static_cast<acc_t>(opt.temperature), inv_tau = acc_t(1) / tau;
+  const bool with_lse = opt.lse_temperature.has_value();
+  const acc_t inv_lse_tau = with_lse ? acc_t(1) / static_cast<acc_t>(*opt.lse_temperature) : acc_t(0);
+  scalar_t* scores_out = scores.data_ptr<scalar_t>();
+  int64_t* index_out = index.data_ptr<int64_t>();
+  acc_t* lse_out = with_lse ? lse.data_ptr<acc_t>() : nullptr;
+
+  for_each_similarity_tile<scalar_t, acc_t>(x, p, normalize, [&](const Tile<acc_t>& tile) {
+    ClassStats<acc_t> stats(classes, p.per_class);
+    for (int64_t i = 0; i < tile.rows; ++i) {
+      const acc_t* s = tile.s + i * m;
+      const int64_t pixel = tile.begin + i;
+      stats.max_over_prototypes(s);
+      scalar_t* row_scores = scores_out + pixel * classes;
+      int64_t* row_index = index_out + pixel * classes;
+      if (opt.max_reduction) {
+        for (int64_t c = 0; c < classes; ++c) row_scores[c] = static_cast<scalar_t>(stats.best[c]);
+      } else {
+        stats.shifted_sums(s, inv_tau);
+        for (int64_t c = 0; c < classes; ++c) {
+          row_scores[c] = static_cast<scalar_t>(stats.best[c] + tau * std::log(stats.sum[c]));
+        }
+      }
+      for (int64_t c = 0; c < classes; ++c) row_index[c] = stats.arg[c];
+      if (with_lse) {
+        const acc_t top = lane_max(stats.best.data(), classes);  // the max over all C·K
+        lse_out[pixel] = top * inv_lse_tau + std::log(sum_exp(s, m, top, inv_lse_tau));
+      }
+    }
+  });
+}
+
+// Turns a tile of S into dS, in place. Per pixel i, class c, prototype k:
+//   dS = g_lse_i·exp(S/τ' − lse_i)/τ'          with lse_temperature and a gradient for lse
+//      + g_ic·exp((S − best_ic)/τ)/sum_ic      logsumexp reduction (softmax over k)
+//      + g_ic·[k = index_ic]                   max reduction
+template <typename acc_t>
+struct ClassScoresGrad {
+  const acc_t* grad_scores = nullptr;  // [N, C] or null
+  const acc_t* grad_lse = nullptr;     // [N] or null
+  const int64_t* index = nullptr;      // [N, C] (max reduction)
+  const acc_t* lse = nullptr;          // [N] (with grad_lse)
+  bool max_reduction = true;
+  acc_t inv_tau = 1, inv_lse_tau = 1;
+  int64_t classes = 0, per_class = 0;
+
+  // s[k·C + c] = term(s[k·C + c], c) over a whole row.
+  template <typename Term>
+  void map_row(acc_t* s, const Term& term) const {
+    for (int64_t k = 0; k < per_class; ++k) {
+      acc_t* v = s + k * classes;
+      for (int64_t c = 0; c < classes; ++c) v[c] = term(v[c], c);
+    }
+  }
+
+  void operator()(const Tile<acc_t>& tile) const {
+    const int64_t m = classes * per_class;
+    const bool soft_term = grad_scores != nullptr && !max_reduction;
+    const bool lse_term = grad_lse != nullptr;
+    ClassStats<acc_t> stats(classes, per_class);
+    std::vector<acc_t> weight(classes);
+    for (int64_t i = 0; i < tile.rows; ++i) {
+      acc_t* s = tile.s + i * m;
+      const int64_t pixel = tile.begin + i;
+      const acc_t* g = grad_scores == nullptr ? nullptr : grad_scores + pixel * classes;
+      if (soft_term) {
+        stats.max_over_prototypes(s);
+        stats.shifted_sums(s, inv_tau);
+        for (int64_t c = 0; c < classes; ++c) weight[c] = g[c] / stats.sum[c];
+      }
+      const acc_t coef = lse_term ? grad_lse[pixel] * inv_lse_tau : acc_t(0);
+      const acc_t shift = lse_term ? lse[pixel] : acc_t(0);
+      const acc_t* best = stats.best.data();
+      const acc_t* w = weight.data();
+      if (lse_term && soft_term) {
+        map_row(s, [&](acc_t v, int64_t c) {
+          return coef * vexp(v * inv_lse_tau - shift) + w[c] * vexp((v - best[c]) * inv_tau);
+        });
+      } else if (lse_term) {
+        map_row(s, [&](acc_t v, int64_t) { return coef * vexp(v * inv_lse_tau - shift); });
+      } else if (soft_term) {
+        map_row(s, [&](acc_t v, int64_t c) { return w[c] * vexp((v - best[c]) * inv_tau); });
+      } else {
+        std::fill(s, s + m, acc_t(0));
+      }
+      if (g != nullptr && max_reduction) {
+        const int64_t* row_index = index + pixel * classes;
+        for (int64_t c = 0; c < classes; ++c) {
+          // The index comes from the forward pass; checked anyway, never trusted as an address.
+          if (index_in_range(row_index[c], per_class)) s[row_index[c] * classes + c] += g[c];
+        }
+      }
+    }
+  }
+};
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> class_scores_forward(
+    const at::Tensor& x_in, const at::Tensor& prototypes_in, bool normalize, c10::string_view reduction,
+    double temperature, std::optional<double> lse_temperature) {
+  at::Tensor x = x_in, prototypes = prototypes_in;
+  check_features_and_prototypes(kForward, x, prototypes);
+  const ScoreOptions opt{is_max_reduction(kForward, reduction), temperature, lse_temperature};
+  const int64_t n = x.size(0), classes = prototypes.size(0);
+  at::Tensor scores = at::empty({n, classes}, x.options());
+  at::Tensor index = at::empty({n, classes}, x.options().dtype(at::kLong));
+  at::Tensor lse = at::empty({lse_temperature ? n : 0}, x.options().dtype(compute_dtype(x.scalar_type())));
+  PROTOSEG_DISPATCH_FLOATING(x.scalar_type(), kForward, [&] {
+    class_scores_forward_impl<scalar_t, acc_t>(x, prototypes, normalize, opt, scores, index, lse);
+  });
+  return {scores, index, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> class_scores_backward(
+    const std::optional<at::Tensor>& grad_scores, const std::optional<at::Tensor>& grad_lse,
+    const at::Tensor& x_in, const at::Tensor& prototypes_in, const at::Tensor& index_in,
+    const at::Tensor& lse_in, bool normalize, c10::string_view reduction, double temperature,
+    std::optional<double> lse_temperature, bool need_prototype_grad) {
+  at::Tensor x = x_in, prototypes = prototypes_in;
+  check_features_and_prototypes(kBackward, x, prototypes);
+  const bool max_reduction = is_max_reduction(kBackward, reduction);
+  const int64_t n = x.size(0), classes = prototypes.size(0);
+  const auto acc_dtype = compute_dtype(x.scalar_type());
+  at::Tensor g_scores, g_lse, index, lse;
+  if (grad_scores.has_value() && grad_scores->defined()) {
+    g_scores = checked_values(kBackward, "grad_scores", *grad_scores, n * classes, acc_dtype);
+    if (max_reduction) {
+      TORCH_CHECK(index_in.numel() == n * classes, kBackward, ": index must be [N, C] = [", n, ", ",
+                  classes, "], got ", index_in.sizes());
+      index = checked_index(kBackward, "index", index_in.reshape(-1), n * classes);
+    }
+  }
+  if (lse_temperature.has_value() && grad_lse.has_value() && grad_lse->defined()) {
+    g_lse = checked_values(kBackward, "grad_lse", *grad_lse, n, acc_dtype);
+    lse = checked_values(kBackward, "lse", lse_in, n, acc_dtype);
+  }
+  std::tuple<at::Tensor, at::Tensor> result;
+  PROTOSEG_DISPATCH_FLOATING(x.scalar_type(), kBackward, [&] {
+    const auto p = prepare_prototypes<scalar_t, acc_t>(prototypes, normalize, PrototypeOrder::PrototypeMajor);
+    ClassScoresGrad<acc_t> fill;
+    fill.grad_scores = g_scores.defined() ? g_scores.const_data_ptr<acc_t>() : nullptr;
+    fill.grad_lse = g_lse.defined() ? g_lse.const_data_ptr<acc_t>() : nullptr;
+    fill.index = index.defined() ? index.const_data_ptr<int64_t>() : nullptr;
+    fill.lse = lse.defined() ? lse.const_data_ptr<acc_t>() : nullptr;
+    fill.max_reduction = max_reduction;
+    fill.inv_tau = acc_t(1) / static_cast<acc_t>(temperature);
+    fill.inv_lse_tau = lse_temperature ? acc_t(1) / static_cast<acc_t>(*lse_temperature) : acc_t(1);
+    fill.classes = classes;
+    fill.per_class = prototypes.size(1);
+    // The max reduction alone needs no similarities: dS is g scattered to the argmax.
+    const bool recompute = fill.grad_lse != nullptr || (fill.grad_scores != nullptr && !max_reduction);
+    result = similarity_tiles_backward<scalar_t, acc_t>(x, prototypes, p, normalize, recompute,
+                                                        need_prototype_grad, fill);
+  });
+  return result;
+}
+
+}  // namespace protoseg::cpu

@@ -1,0 +1,139 @@
+// ppc_ppd_loss (SPEC §3.3), per pixel: ppc_i = lse_i − S_it/τ with lse_i the log-sum-exp
+// of S_i/τ over all C·K prototypes, ppd_i = (1 − S_it)². One similarity GEMM per tile
+// forward; backward recomputes the tile and forms
+//   dS_ij = g_ppc_i·(exp(S_ij/τ − lse_i) − [j = t_i])/τ − 2·g_ppd_i·(1 − S_it)·[j = t_i]
+// in place before the dx GEMM.
+#include <cmath>
+
+#include "cpu/checks.h"
+#include "cpu/kernels.h"
+#include "cpu/similarity_tiles.h"
+
+namespace protoseg::cpu {
+namespace {
+
+constexpr const char* kForward = "protoseg::_ppc_ppd_forward";
+constexpr const char* kBackward = "protoseg::_ppc_ppd_backward";
+
+// Column of the target prototype in a tile row, or -1 for an ignored (or invalid) target.
+template <typename acc_t>
+int64_t target_column(const PreparedPrototypes<acc_t>& p, int64_t target) {
+  if (!index_in_range(target, p.count)) return -1;
+  return p.row_of(target / p.per_class, target % p.per_class);
+}
+
+template <typename scalar_t, typename acc_t>
+void ppc_ppd_forward_impl(const at::Tensor& x, const at::Tensor& prototypes, const at::Tensor& target,
+                          bool normalize, double temperature, at::Tensor& ppc, at::Tensor& ppd,
+                          at::Tensor& lse) {
+  const auto p = prepare_prototypes<scalar_t, acc_t>(prototypes, normalize, PrototypeOrder::ClassMajor);
+  const int64_t m = p.count;
+  const acc_t inv_tau = acc_t(1) / static_cast<acc_t>(temperature);
+  const int64_t* t = target.const_data_ptr<int64_t>();
+  acc_t* ppc_out = ppc.data_ptr<acc_t>();
+  acc_t* ppd_out = ppd.data_ptr<acc_t>();
+  acc_t* lse_out = lse.data_ptr<acc_t>();
+  for_each_similarity_tile<scalar_t, acc_t>(x, p, normalize, [&](const Tile<acc_t>& tile) {
+    for (int64_t i = 0; i < tile.rows; ++i) {
+      const acc_t* s = tile.s + i * m;
+      const int64_t pixel = tile.begin + i;
+      const acc_t top = lane_max(s, m);
+      const acc_t row_lse = top * inv_tau + std::log(sum_exp(s, m, top, inv_tau));
+      lse_out[pixel] = row_lse;
+      const int64_t column = target_column(p, t[pixel]);
+      if (column < 0) {
+        ppc_out[pixel] = ppd_out[pixel] = acc_t(0);
+        continue;
+      }
+      const acc_t s_target = s[column];
+      ppc_out[pixel] = row_lse - s_target * inv_tau;
+      ppd_out[pixel] = (acc_t(1) - s_target) * (acc_t(1) - s_target);
+    }
+  });
+}
+
+template <typename acc_t>
+struct PpcPpdGrad {
+  const PreparedPrototypes<acc_t>* p = nullptr;
+  const int64_t* target = nullptr;
+  const acc_t* grad_ppc = nullptr;  // [N] or null
+  const acc_t* grad_ppd = nullptr;  // [N] or null
+  const acc_t* lse = nullptr;       // [N] (with grad_ppc)
+  acc_t inv_tau = 1;
+
+  void operator()(const Tile<acc_t>& tile) const {
+    const int64_t m = p->count;
+    for (int64_t i = 0; i < tile.rows; ++i) {
+      acc_t* s = tile.s + i * m;
+      const int64_t pixel = tile.begin + i;
+      const int64_t column = target_column(*p, target[pixel]);
+      if (column < 0) {  // ignored pixel: no loss, no gradient
+        std::fill(s, s + m, acc_t(0));
+        continue;
+      }
+      const acc_t s_target = s[column];
+      const acc_t g_ppc = grad_ppc != nullptr ? grad_ppc[pixel] : acc_t(0);
+      const acc_t g_ppd = grad_ppd != nullptr ? grad_ppd[pixel] : acc_t(0);
+      if (grad_ppc != nullptr) {
+        const acc_t coef = g_ppc * inv_tau, shift = lse[pixel];
+        for (int64_t j = 0; j < m; ++j) s[j] = coef * vexp(s[j] * inv_tau - shift);
+      } else {
+        std::fill(s, s + m, acc_t(0));
+      }
+      s[column] -= g_ppc * inv_tau + acc_t(2) * g_ppd * (acc_t(1) - s_target);
+    }
+  }
+};
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ppc_ppd_forward(const at::Tensor& x_in,
+                                                               const at::Tensor& prototypes_in,
+                                                               const at::Tensor& target_in, bool normalize,
+                                                               double temperature) {
+  at::Tensor x = x_in, prototypes = prototypes_in;
+  check_features_and_prototypes(kForward, x, prototypes);
+  const int64_t n = x.size(0);
+  const at::Tensor target = checked_index(kForward, "target", target_in, n);
+  const auto options = x.options().dtype(compute_dtype(x.scalar_type()));
+  at::Tensor ppc = at::empty({n}, options), ppd = at::empty({n}, options), lse = at::empty({n}, options);
+  PROTOSEG_DISPATCH_FLOATING(x.scalar_type(), kForward, [&] {
+    ppc_ppd_forward_impl<scalar_t, acc_t>(x, prototypes, target, normalize, temperature, ppc, ppd, lse);
+  });
+  return {ppc, ppd, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> ppc_ppd_backward(
+    const std::optional<at::Tensor>& grad_ppc, const std::optional<at::Tensor>& grad_ppd,
+    const at::Tensor& x_in, const at::Tensor& prototypes_in, const at::Tensor& target_in,
+    const at::Tensor& lse_in, bool normalize, double temperature, bool need_prototype_grad) {
+  at::Tensor x = x_in, prototypes = prototypes_in;
+  check_features_and_prototypes(kBackward, x, prototypes);
+  const int64_t n = x.size(0);
+  const auto acc_dtype = compute_dtype(x.scalar_type());
+  const at::Tensor target = checked_index(kBackward, "target", target_in, n);
+  at::Tensor g_ppc, g_ppd, lse;
+  if (grad_ppc.has_value() && grad_ppc->defined()) {
+    g_ppc = checked_values(kBackward, "grad_ppc", *grad_ppc, n, acc_dtype);
+    lse = checked_values(kBackward, "lse", lse_in, n, acc_dtype);
+  }
+  if (grad_ppd.has_value() && grad_ppd->defined()) {
+    g_ppd = checked_values(kBackward, "grad_ppd", *grad_ppd, n, acc_dtype);
+  }
+  std::tuple<at::Tensor, at::Tensor> result;
+  PROTOSEG_DISPATCH_FLOATING(x.scalar_type(), kBackward, [&] {
+    const auto p = prepare_prototypes<scalar_t, acc_t>(prototypes, normalize, PrototypeOrder::ClassMajor);
+    PpcPpdGrad<acc_t> fill;
+    fill.p = &p;
+    fill.target = target.const_data_ptr<int64_t>();
+    fill.grad_ppc = g_ppc.defined() ? g_ppc.const_data_ptr<acc_t>() : nullptr;
+    fill.grad_ppd = g_ppd.defined() ? g_ppd.const_data_ptr<acc_t>() : nullptr;
+    fill.lse = lse.defined() ? lse.const_data_ptr<acc_t>() : nullptr;
+    fill.inv_tau = acc_t(1) / static_cast<acc_t>(temperature);
+    result = similarity_tiles_backward<scalar_t, acc_t>(x, prototypes, p, normalize, /*recompute=*/true,
+                                                        need_prototype_grad, fill);
+  });
+  return result;
+}
+
+}  // namespace protoseg::cpu

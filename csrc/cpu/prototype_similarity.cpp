@@ -1,0 +1,70 @@
+// prototype_similarity: S [N, C, K] = x̂·P̂ᵀ (SPEC §3.1), by tiles; backward from dS.
+#include "cpu/checks.h"
+#include "cpu/kernels.h"
+#include "cpu/similarity_tiles.h"
+
+namespace protoseg::cpu {
+namespace {
+
+constexpr const char* kForward = "protoseg::_similarity_forward";
+constexpr const char* kBackward = "protoseg::_similarity_backward";
+
+// The tiles are in class-major order already: each S row is copied as it is.
+template <typename scalar_t, typename acc_t>
+void similarity_forward_impl(const at::Tensor& x, const at::Tensor& prototypes, bool normalize,
+                             at::Tensor& out) {
+  const auto p = prepare_prototypes<scalar_t, acc_t>(prototypes, normalize, PrototypeOrder::ClassMajor);
+  scalar_t* dst = out.data_ptr<scalar_t>();
+  const int64_t m = p.count;
+  for_each_similarity_tile<scalar_t, acc_t>(x, p, normalize, [&](const Tile<acc_t>& tile) {
+    const int64_t count = tile.rows * m;
+    scalar_t* rows = dst + tile.begin * m;
+    for (int64_t e = 0; e < count; ++e) rows[e] = static_cast<scalar_t>(tile.s[e]);
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+std::tuple<at::Tensor, at::Tensor> similarity_backward_impl(const at::Tensor& grad, const at::Tensor& x,
+                                                            const at::Tensor& prototypes, bool normalize,
+                                                            bool need_prototype_grad) {
+  const auto p = prepare_prototypes<scalar_t, acc_t>(prototypes, normalize, PrototypeOrder::ClassMajor);
+  const scalar_t* g = grad.const_data_ptr<scalar_t>();
+  const int64_t m = p.count;
+  const auto fill = [&](const Tile<acc_t>& tile) {
+    const int64_t count = tile.rows * m;
+    const scalar_t* rows = g + tile.begin * m;
+    for (int64_t e = 0; e < count; ++e) tile.s[e] = static_cast<acc_t>(rows[e]);
+  };
+  return similarity_tiles_backward<scalar_t, acc_t>(x, prototypes, p, normalize, /*recompute=*/false,
+                                                    need_prototype_grad, fill);
+}
+
+}  // namespace
+
+at::Tensor similarity_forward(const at::Tensor& x_in, const at::Tensor& prototypes_in, bool normalize) {
+  at::Tensor x = x_in, prototypes = prototypes_in;
+  check_features_and_prototypes(kForward, x, prototypes);
+  at::Tensor out = at::empty({x.size(0), prototypes.size(0), prototypes.size(1)}, x.options());
+  PROTOSEG_DISPATCH_FLOATING(x.scalar_type(), kForward, [&] {
+    similarity_forward_impl<scalar_t, acc_t>(x, prototypes, normalize, out);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> similarity_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
+                                                       const at::Tensor& prototypes_in, bool normalize,
+                                                       bool need_prototype_grad) {
+  at::Tensor x = x_in, prototypes = prototypes_in;
+  check_features_and_prototypes(kBackward, x, prototypes);
+  const int64_t m = prototypes.size(0) * prototypes.size(1);
+  TORCH_CHECK(grad_in.numel() == x.size(0) * m, kBackward, ": grad must be [N, C, K] = [", x.size(0), ", ",
+              prototypes.size(0), ", ", prototypes.size(1), "], got ", grad_in.sizes());
+  const at::Tensor grad = grad_in.to(x.scalar_type()).contiguous();
+  std::tuple<at::Tensor, at::Tensor> result;
+  PROTOSEG_DISPATCH_FLOATING(x.scalar_type(), kBackward, [&] {
+    result = similarity_backward_impl<scalar_t, acc_t>(grad, x, prototypes, normalize, need_prototype_grad);
+  });
+  return result;
+}
+
+}  // namespace protoseg::cpu
