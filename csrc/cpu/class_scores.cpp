@@ -102,34 +102,26 @@ void class_scores_forward_impl(const at::Tensor& x, const at::Tensor& prototypes
 }
 
 // Turns a tile of S into dS, in place. Per pixel i, class c, prototype k:
-//   dS = g_lse_i·exp(S/τ' − lse_i)/τ'          with lse_temperature and a gradient for lse
+//   dS = g_lse_i·softmax_j(S_i/τ')/τ'          with lse_temperature and a gradient for lse
 //      + g_ic·exp((S − best_ic)/τ)/sum_ic      logsumexp reduction (softmax over k)
 //      + g_ic·[k = index_ic]                   max reduction
+// Both softmaxes are recomputed from the tile (see scaled_softmax); the saved lse is not
+// needed.
 template <typename acc_t>
 struct ClassScoresGrad {
   const acc_t* grad_scores = nullptr;  // [N, C] or null
   const acc_t* grad_lse = nullptr;     // [N] or null
   const int64_t* index = nullptr;      // [N, C] (max reduction)
-  const acc_t* lse = nullptr;          // [N] (with grad_lse)
   bool max_reduction = true;
   acc_t inv_tau = 1, inv_lse_tau = 1;
   int64_t classes = 0, per_class = 0;
-
-  // s[k·C + c] = term(s[k·C + c], c) over a whole row.
-  template <typename Term>
-  void map_row(acc_t* s, const Term& term) const {
-    for (int64_t k = 0; k < per_class; ++k) {
-      acc_t* v = s + k * classes;
-      for (int64_t c = 0; c < classes; ++c) v[c] = term(v[c], c);
-    }
-  }
 
   void operator()(const Tile<acc_t>& tile) const {
     const int64_t m = classes * per_class;
     const bool soft_term = grad_scores != nullptr && !max_reduction;
     const bool lse_term = grad_lse != nullptr;
     ClassStats<acc_t> stats(classes, per_class);
-    std::vector<acc_t> weight(classes);
+    std::vector<acc_t> weight(classes), lse_part(soft_term && lse_term ? m : 0);
     for (int64_t i = 0; i < tile.rows; ++i) {
       acc_t* s = tile.s + i * m;
       const int64_t pixel = tile.begin + i;
@@ -139,19 +131,12 @@ struct ClassScoresGrad {
         stats.shifted_sums(s, inv_tau);
         for (int64_t c = 0; c < classes; ++c) weight[c] = g[c] / stats.sum[c];
       }
-      const acc_t coef = lse_term ? grad_lse[pixel] * inv_lse_tau : acc_t(0);
-      const acc_t shift = lse_term ? lse[pixel] : acc_t(0);
-      const acc_t* best = stats.best.data();
-      const acc_t* w = weight.data();
-      if (lse_term && soft_term) {
-        map_row(s, [&](acc_t v, int64_t c) {
-          return coef * vexp(v * inv_lse_tau - shift) + w[c] * vexp((v - best[c]) * inv_tau);
-        });
-      } else if (lse_term) {
-        map_row(s, [&](acc_t v, int64_t) { return coef * vexp(v * inv_lse_tau - shift); });
-      } else if (soft_term) {
-        map_row(s, [&](acc_t v, int64_t c) { return w[c] * vexp((v - best[c]) * inv_tau); });
-      } else {
+      if (lse_term) {  // in place, unless the soft term still needs S
+        scaled_softmax(s, soft_term ? lse_part.data() : s, m, inv_lse_tau, grad_lse[pixel] * inv_lse_tau);
+      }
+      if (soft_term) {
+        add_soft_term(s, stats.best.data(), weight.data(), lse_term ? lse_part.data() : nullptr);
+      } else if (!lse_term) {
         std::fill(s, s + m, acc_t(0));
       }
       if (g != nullptr && max_reduction) {
@@ -160,6 +145,19 @@ struct ClassScoresGrad {
           // The index comes from the forward pass; checked anyway, never trusted as an address.
           if (index_in_range(row_index[c], per_class)) s[row_index[c] * classes + c] += g[c];
         }
+      }
+    }
+  }
+
+  // s[k, c] = w[c]·exp((s[k, c] − best[c])/τ) (+ base[k, c] when given).
+  void add_soft_term(acc_t* s, const acc_t* best, const acc_t* w, const acc_t* base) const {
+    for (int64_t k = 0; k < per_class; ++k) {
+      acc_t* v = s + k * classes;
+      if (base != nullptr) {
+        const acc_t* b = base + k * classes;
+        for (int64_t c = 0; c < classes; ++c) v[c] = b[c] + w[c] * vexp((v[c] - best[c]) * inv_tau);
+      } else {
+        for (int64_t c = 0; c < classes; ++c) v[c] = w[c] * vexp((v[c] - best[c]) * inv_tau);
       }
     }
   }
@@ -186,14 +184,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> class_scores_forward(
 std::tuple<at::Tensor, at::Tensor> class_scores_backward(
     const std::optional<at::Tensor>& grad_scores, const std::optional<at::Tensor>& grad_lse,
     const at::Tensor& x_in, const at::Tensor& prototypes_in, const at::Tensor& index_in,
-    const at::Tensor& lse_in, bool normalize, c10::string_view reduction, double temperature,
+    const at::Tensor& /*lse: recomputed*/, bool normalize, c10::string_view reduction, double temperature,
     std::optional<double> lse_temperature, bool need_prototype_grad) {
   at::Tensor x = x_in, prototypes = prototypes_in;
   check_features_and_prototypes(kBackward, x, prototypes);
   const bool max_reduction = is_max_reduction(kBackward, reduction);
   const int64_t n = x.size(0), classes = prototypes.size(0);
   const auto acc_dtype = compute_dtype(x.scalar_type());
-  at::Tensor g_scores, g_lse, index, lse;
+  at::Tensor g_scores, g_lse, index;
   if (grad_scores.has_value() && grad_scores->defined()) {
     g_scores = checked_values(kBackward, "grad_scores", *grad_scores, n * classes, acc_dtype);
     if (max_reduction) {
@@ -204,7 +202,6 @@ std::tuple<at::Tensor, at::Tensor> class_scores_backward(
   }
   if (lse_temperature.has_value() && grad_lse.has_value() && grad_lse->defined()) {
     g_lse = checked_values(kBackward, "grad_lse", *grad_lse, n, acc_dtype);
-    lse = checked_values(kBackward, "lse", lse_in, n, acc_dtype);
   }
   std::tuple<at::Tensor, at::Tensor> result;
   PROTOSEG_DISPATCH_FLOATING(x.scalar_type(), kBackward, [&] {
@@ -213,7 +210,6 @@ std::tuple<at::Tensor, at::Tensor> class_scores_backward(
     fill.grad_scores = g_scores.defined() ? g_scores.const_data_ptr<acc_t>() : nullptr;
     fill.grad_lse = g_lse.defined() ? g_lse.const_data_ptr<acc_t>() : nullptr;
     fill.index = index.defined() ? index.const_data_ptr<int64_t>() : nullptr;
-    fill.lse = lse.defined() ? lse.const_data_ptr<acc_t>() : nullptr;
     fill.max_reduction = max_reduction;
     fill.inv_tau = acc_t(1) / static_cast<acc_t>(temperature);
     fill.inv_lse_tau = lse_temperature ? acc_t(1) / static_cast<acc_t>(*lse_temperature) : acc_t(1);

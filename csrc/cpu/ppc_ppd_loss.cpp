@@ -1,8 +1,9 @@
 // ppc_ppd_loss (SPEC §3.3), per pixel: ppc_i = lse_i − S_it/τ with lse_i the log-sum-exp
 // of S_i/τ over all C·K prototypes, ppd_i = (1 − S_it)². One similarity GEMM per tile
 // forward; backward recomputes the tile and forms
-//   dS_ij = g_ppc_i·(exp(S_ij/τ − lse_i) − [j = t_i])/τ − 2·g_ppd_i·(1 − S_it)·[j = t_i]
-// in place before the dx GEMM.
+//   dS_ij = g_ppc_i·(softmax_j(S_i/τ) − [j = t_i])/τ − 2·g_ppd_i·(1 − S_it)·[j = t_i]
+// in place before the dx GEMM (the softmax recomputed from the tile, see scaled_softmax;
+// the saved lse is not needed).
 #include <cmath>
 
 #include "cpu/checks.h"
@@ -38,15 +39,16 @@ void ppc_ppd_forward_impl(const at::Tensor& x, const at::Tensor& prototypes, con
       const acc_t* s = tile.s + i * m;
       const int64_t pixel = tile.begin + i;
       const acc_t top = lane_max(s, m);
-      const acc_t row_lse = top * inv_tau + std::log(sum_exp(s, m, top, inv_tau));
-      lse_out[pixel] = row_lse;
+      const acc_t log_sum = std::log(sum_exp(s, m, top, inv_tau));
+      lse_out[pixel] = top * inv_tau + log_sum;
       const int64_t column = target_column(p, t[pixel]);
       if (column < 0) {
         ppc_out[pixel] = ppd_out[pixel] = acc_t(0);
         continue;
       }
       const acc_t s_target = s[column];
-      ppc_out[pixel] = row_lse - s_target * inv_tau;
+      // lse − S_t/τ with the shift taken out first: no cancellation of two large terms.
+      ppc_out[pixel] = (top - s_target) * inv_tau + log_sum;
       ppd_out[pixel] = (acc_t(1) - s_target) * (acc_t(1) - s_target);
     }
   });
@@ -58,7 +60,6 @@ struct PpcPpdGrad {
   const int64_t* target = nullptr;
   const acc_t* grad_ppc = nullptr;  // [N] or null
   const acc_t* grad_ppd = nullptr;  // [N] or null
-  const acc_t* lse = nullptr;       // [N] (with grad_ppc)
   acc_t inv_tau = 1;
 
   void operator()(const Tile<acc_t>& tile) const {
@@ -75,8 +76,7 @@ struct PpcPpdGrad {
       const acc_t g_ppc = grad_ppc != nullptr ? grad_ppc[pixel] : acc_t(0);
       const acc_t g_ppd = grad_ppd != nullptr ? grad_ppd[pixel] : acc_t(0);
       if (grad_ppc != nullptr) {
-        const acc_t coef = g_ppc * inv_tau, shift = lse[pixel];
-        for (int64_t j = 0; j < m; ++j) s[j] = coef * vexp(s[j] * inv_tau - shift);
+        scaled_softmax(s, s, m, inv_tau, g_ppc * inv_tau);
       } else {
         std::fill(s, s + m, acc_t(0));
       }
@@ -106,16 +106,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ppc_ppd_forward(const at::Tensor&
 std::tuple<at::Tensor, at::Tensor> ppc_ppd_backward(
     const std::optional<at::Tensor>& grad_ppc, const std::optional<at::Tensor>& grad_ppd,
     const at::Tensor& x_in, const at::Tensor& prototypes_in, const at::Tensor& target_in,
-    const at::Tensor& lse_in, bool normalize, double temperature, bool need_prototype_grad) {
+    const at::Tensor& /*lse: recomputed*/, bool normalize, double temperature, bool need_prototype_grad) {
   at::Tensor x = x_in, prototypes = prototypes_in;
   check_features_and_prototypes(kBackward, x, prototypes);
   const int64_t n = x.size(0);
   const auto acc_dtype = compute_dtype(x.scalar_type());
   const at::Tensor target = checked_index(kBackward, "target", target_in, n);
-  at::Tensor g_ppc, g_ppd, lse;
+  at::Tensor g_ppc, g_ppd;
   if (grad_ppc.has_value() && grad_ppc->defined()) {
     g_ppc = checked_values(kBackward, "grad_ppc", *grad_ppc, n, acc_dtype);
-    lse = checked_values(kBackward, "lse", lse_in, n, acc_dtype);
   }
   if (grad_ppd.has_value() && grad_ppd->defined()) {
     g_ppd = checked_values(kBackward, "grad_ppd", *grad_ppd, n, acc_dtype);
@@ -128,7 +127,6 @@ std::tuple<at::Tensor, at::Tensor> ppc_ppd_backward(
     fill.target = target.const_data_ptr<int64_t>();
     fill.grad_ppc = g_ppc.defined() ? g_ppc.const_data_ptr<acc_t>() : nullptr;
     fill.grad_ppd = g_ppd.defined() ? g_ppd.const_data_ptr<acc_t>() : nullptr;
-    fill.lse = lse.defined() ? lse.const_data_ptr<acc_t>() : nullptr;
     fill.inv_tau = acc_t(1) / static_cast<acc_t>(temperature);
     result = similarity_tiles_backward<scalar_t, acc_t>(x, prototypes, p, normalize, /*recompute=*/true,
                                                         need_prototype_grad, fill);

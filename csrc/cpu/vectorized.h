@@ -108,4 +108,19 @@ inline T sum_exp(const T* v, int64_t n, T shift, T scale) {
   return lane_sum<T>(n, [&](int64_t j) { return vexp((v[j] - shift) * scale); });
 }
 
+// out[j] = factor·softmax_j(v·scale) for scale > 0 (out may alias v). The normaliser is
+// recomputed from v with a max shift rather than taken from a saved log-sum-exp: at large
+// |lse| the float rounding of a stored lse (|lse|·6e-8) would dominate the result.
+template <typename T>
+inline void scaled_softmax(const T* v, T* out, int64_t n, T scale, T factor) {
+  const T top = lane_max(v, n);
+  const T total = lane_sum<T>(n, [&](int64_t j) {
+    const T e = vexp((v[j] - top) * scale);
+    out[j] = e;
+    return e;
+  });
+  const T normalise = factor / total;
+  for (int64_t j = 0; j < n; ++j) out[j] *= normalise;
+}
+
 }  // namespace protoseg::cpu
