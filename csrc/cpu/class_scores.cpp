@@ -40,7 +40,8 @@ struct ClassStats {
     for (int64_t k = 1; k < per_class; ++k) {
       const acc_t* v = s + k * classes;
       for (int64_t c = 0; c < classes; ++c) {
-        const bool take = v[c] > best[c] || v[c] != v[c];  // strict: the first maximum wins
+        // strict: the first maximum wins; NaN propagates; bitwise | keeps the loop branch-free
+        const bool take = (v[c] > best[c]) | (v[c] != v[c]);
         best[c] = take ? v[c] : best[c];
         arg[c] = take ? static_cast<int32_t>(k) : arg[c];
       }
