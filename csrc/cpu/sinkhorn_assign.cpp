@@ -43,7 +43,8 @@ void logits_impl(const at::Tensor& x, const at::Tensor& prototypes, const at::Te
       }
       load_rows(x_data + i * d, 1, d, normalize, row.data(), &sum_sq);
       const acc_t* own = p.hat + p.row_of(seg[i], 0) * d;  // the K prototypes of the class
-      for (int64_t k = 0; k < per_class; ++k) dst[k] = dot(row.data(), own + k * d, d) / eps;
+      dot_rows(row.data(), own, per_class, d, dst);
+      for (int64_t k = 0; k < per_class; ++k) dst[k] /= eps;
     }
   });
 }
