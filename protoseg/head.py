@@ -96,6 +96,13 @@ def _check_positive_float(name: str, value: object) -> float:
     return float(value)
 
 
+def _check_features(features: object) -> Tensor:
+    if not isinstance(features, Tensor) or features.dim() != 4:
+        got = f"shape {tuple(features.shape)}" if isinstance(features, Tensor) else type(features).__name__
+        raise ValueError(f"features must be a [b, C, h, w] tensor, got {got}")
+    return features
+
+
 def _resolve_assignment(assignment: str | None, compat: str | None) -> str:
     if compat is None:
         return _check_choice("assignment", assignment or "argmax", ASSIGNMENTS)
@@ -192,9 +199,7 @@ class ProtoSegHead(nn.Module):
 
     def embed(self, features: Tensor) -> Tensor:
         """Unit-norm pixel embeddings x [b·h·w, D] of features [b, C_in, h, w]."""
-        if not isinstance(features, Tensor) or features.dim() != 4:
-            shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
-            raise ValueError(f"features must be a [b, C, h, w] tensor, got {shape}")
+        _check_features(features)
         embedding = self.projection(features)
         flat = embedding.permute(0, 2, 3, 1).reshape(-1, self.embed_dim)
         return F.normalize(self.feat_norm(flat), dim=1)
@@ -204,7 +209,7 @@ class ProtoSegHead(nn.Module):
     ) -> HeadOutput:
         """Segmentation logits, and in training with ``labels`` [b, H, W] the PPC/PPD
         losses and the prototype update. ``generator`` drives the Gumbel draw."""
-        batch, _, height, width = features.shape
+        batch, _, height, width = _check_features(features).shape
         x = self.embed(features)
         # A normalised copy: the buffer is overwritten by the update below while
         # autograd still holds this tensor for backward.

@@ -81,12 +81,12 @@ class PixelPrototypeCELoss(nn.Module):
         if logits.dtype not in (torch.float32, torch.float64):
             logits = logits.float()  # the loss in fp32 under mixed precision
         labels = labels.long()
-        total = F.cross_entropy(logits, labels, weight=self.class_weights, ignore_index=self.ignore_index,
-                                reduction="sum")
+        weights = None if self.class_weights is None else self.class_weights.to(logits.dtype)
+        total = F.cross_entropy(logits, labels, weight=weights, ignore_index=self.ignore_index, reduction="sum")
         labelled = labels != self.ignore_index
-        if self.class_weights is None:
+        if weights is None:
             denominator = labelled.sum().to(total.dtype)
         else:
-            denominator = self.class_weights.to(total.dtype)[labels.clamp(0, num_classes - 1)][labelled].sum()
+            denominator = weights[labels.clamp(0, num_classes - 1)][labelled].sum()
         # The sum is exactly 0 when nothing is labelled, so the clamp only avoids 0/0.
         return total / denominator.clamp_min(torch.finfo(total.dtype).tiny)
