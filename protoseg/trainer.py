@@ -138,13 +138,20 @@ class Trainer:
                                     rank=self.context.rank, world_size=self.context.world_size,
                                     start=self.iteration)
         return DataLoader(self.data.train, batch_sampler=sampler, num_workers=data.workers,
-                          pin_memory=self.device.type == "cuda", persistent_workers=False)
+                          pin_memory=self.device.type == "cuda", generator=self._loader_generator())
 
     def _val_batches(self) -> DataLoader:
         # Each rank evaluates every world_size-th image; the confusion matrices are summed.
         indices = range(self.context.rank, len(self.data.val), self.context.world_size)
         return DataLoader(Subset(self.data.val, indices), batch_size=self.config.data.val_batch_size,
-                          num_workers=self.config.data.workers, collate_fn=pad_collate)
+                          num_workers=self.config.data.workers, collate_fn=pad_collate,
+                          generator=self._loader_generator())
+
+    def _loader_generator(self) -> torch.Generator:
+        # A loader draws its workers' base seed from this generator; by default it
+        # would draw from the global one, shifting the model's random stream (Gumbel
+        # draws) by the number of loaders created, which differs after a resume.
+        return torch.Generator().manual_seed(self.config.train.seed)
 
     # ------------------------------------------------------------------ steps
     def train_step(self, images: Tensor, labels: Tensor) -> LossTerms:
