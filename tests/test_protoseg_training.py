@@ -128,6 +128,12 @@ def test_visualize_linear_checkpoint_draws_curves_only(tiny_config, tmp_path):
     assert [p.name for p in written] == ["curves.png"]
 
 
+@pytest.mark.parametrize("name", ["cityscapes", "ade20k"])
+def test_packaged_dataset_configs_load(name, tmp_path):
+    config = load_config(name, (f"data.root={tmp_path}",))
+    assert config.data.dataset == name and config.model.backbone == "resnet50"
+
+
 def test_packaged_demo_config_loads():
     config = load_config("demo")
     assert config.data.dataset == "synthetic" and config.model.head == "protoseg"
