@@ -5,9 +5,12 @@ computed twice (an einsum for the class scores, a matmul for the contrast
 logits), a Python loop over classes runs the matrix Sinkhorn-Knopp on each
 class's pixels with boolean indexing (a host synchronisation each time), the
 prototype update is a masked matmul per class, PPC is a cross-entropy over
-N × C·K logits and PPD gathers from them after boolean indexing. The loop runs
-with autograd recording, as in the original. Do not optimise this file: it is
-what users run today.
+N × C·K logits and PPD gathers from them after boolean indexing. The prototype
+update runs with autograd recording, as in the original. The Sinkhorn runs under
+``no_grad``, as in SwAV where it comes from (the copy in the ProtoSeg repository
+records autograd for nothing, and ``torch.compile`` rejects that: its in-place
+divisions overwrite a tensor saved for backward). Do not optimise this file: it
+is what users run today.
 
 ``assignment="gumbel"`` draws the update assignment as the original does
 (``F.gumbel_softmax`` on the Sinkhorn probabilities); ``"argmax"`` uses the
@@ -34,6 +37,7 @@ def momentum_update(old_value: Tensor, new_value: Tensor, momentum: float) -> Te
     return old_value * momentum + new_value * (1 - momentum)
 
 
+@torch.no_grad()
 def matrix_sinkhorn(
     out: Tensor, iterations: int, epsilon: float, assignment: str
 ) -> tuple[Tensor, Tensor]:
@@ -135,4 +139,4 @@ def baseline_step(
     ppc = F.cross_entropy(contrast_logits, contrast_target.long(), ignore_index=IGNORE_INDEX)
     ppd = ppd_loss(contrast_logits, contrast_target)
     loss = seg_loss + config.ppc_weight * ppc + config.ppd_weight * ppd
-    return StepOutput(loss, new_prototypes)
+    return StepOutput(loss, seg_loss, ppc, ppd, contrast_target.long(), new_prototypes)

@@ -54,4 +54,4 @@ def fused_step(inputs: HeadInputs, config: HeadConfig = DEFAULT_CONFIG) -> StepO
         prototypes, x_hat.detach(), labels, index, mask=correct, momentum=config.momentum,
         normalize=False, ignore_index=IGNORE_INDEX, validate=False,
     ).prototypes
-    return StepOutput(loss, new_prototypes)
+    return StepOutput(loss, seg_loss, ppc, ppd, torch.where(valid, target, IGNORE_INDEX), new_prototypes)

@@ -38,8 +38,12 @@ DEFAULT_CONFIG = HeadConfig()
 
 
 class StepOutput(NamedTuple):
-    loss: Tensor
-    prototypes: Tensor
+    loss: Tensor  # seg_loss + ppc_weight·ppc + ppd_weight·ppd
+    seg_loss: Tensor
+    ppc: Tensor
+    ppd: Tensor
+    target: Tensor  # [N] flat target prototype c·K + k of the PPC/PPD losses, -1 ignored
+    prototypes: Tensor  # [C, K, D] after the momentum update
 
 
 StepFn = Callable[[HeadInputs, HeadConfig], StepOutput]
