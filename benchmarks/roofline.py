@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .flops import sinkhorn_flops, similarity_flops
+from .flops import similarity_flops, sinkhorn_flops
 from .problems import PRESETS, Problem
 
 # Passes over [N, C·K] similarity-shaped tensors (read or write), naive step.
@@ -49,14 +49,13 @@ NAIVE_ND_PASSES = {
     "backward: normalisation (read 2, write)": 3,
 }
 FUSED_ND_PASSES = {
-    "l2 normalise (read, write)": 2,
-    "class_scores GEMM operand": 1,
+    "class_scores GEMM operand (normalised on the fly)": 1,
     "Sinkhorn logits operand": 1,
-    "gathered target similarity (gather write, read 2)": 3,
+    "target cosine: norms, gathered block (write, read), x": 4,
     "update sums": 1,
     "backward: class_scores recompute + dx (read, write)": 2,
-    "backward: gathered similarity dx (read, write), sum (read 2, write)": 5,
-    "backward: normalisation (read 2, write)": 3,
+    "backward: target cosine (gather write, read; read x; write dx, scale)": 6,
+    "backward: sum of the two dx (read 2, write)": 3,
 }
 # [N, C] passes (4-byte elements): scores, LayerNorm, cross-entropy, argmax, and
 # in the fused step the int64 argmax index (2 passes' worth) saved for backward.
