@@ -35,6 +35,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: benchmarks/results/<device>)")
+    parser.add_argument("--tf32", action="store_true", help="CUDA: fp32 matmuls in TF32 (default: off, as torch)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the baseline")
     parser.add_argument("--no-plots", action="store_true")
     return parser.parse_args(argv)
@@ -83,7 +84,6 @@ def _machine(device: torch.device) -> dict[str, Any]:
                "torch_threads": torch.get_num_threads()}
     if device.type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(device)
-        machine["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
     return machine
 
 
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, reason in status.items():
         print(f"  backend {name:<10} {'benchmarked' if reason is None else 'skipped: ' + reason}")
     started = time.perf_counter()
-    planned = jobs.plan_jobs(suite, backends, device.type, args.dtype)
+    planned = jobs.plan_jobs(suite, backends, device.type, args.dtype, tf32=args.tf32)
     rows = report.derive(jobs.run_jobs(planned, suite.isolate, _progress))
     wall_s = time.perf_counter() - started
 
@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "suite": suite.name,
             "device": device.type,
             "dtype": args.dtype,
+            "tf32": args.tf32 if device.type == "cuda" else None,
             "cpu_scale_down": None if device.type == "cuda" else CPU_SCALE_DOWN,
             "wall_seconds": round(wall_s, 1),
             "backends": status,

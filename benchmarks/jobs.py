@@ -28,7 +28,7 @@ def _head_impls(backends: list[str], compiled: bool) -> list[str]:
     return [BASELINE] + ([COMPILED] if compiled else []) + backends
 
 
-def plan_jobs(suite: Suite, backends: list[str], device: str, dtype: str) -> list[Job]:
+def plan_jobs(suite: Suite, backends: list[str], device: str, dtype: str, tf32: bool = False) -> list[Job]:
     """Every (group, problem, implementation) of the suite once, the GEMM floors first."""
     wanted: list[tuple[str, Problem, str]] = []
     for p in suite.presets:
@@ -40,7 +40,7 @@ def plan_jobs(suite: Suite, backends: list[str], device: str, dtype: str) -> lis
     problems = list(dict.fromkeys(p for _, p, _ in wanted))
     wanted = [(FLOOR_GROUP, p, FLOOR) for p in problems] + wanted
     return [
-        Job(group, p, impl, device, dtype, suite.plan, threads=suite.threads)
+        Job(group, p, impl, device, dtype, suite.plan, threads=suite.threads, tf32=tf32)
         for group, p, impl in dict.fromkeys(wanted)
     ]
 

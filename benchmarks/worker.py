@@ -44,6 +44,7 @@ class Job:
     plan: TimingPlan = TimingPlan()
     seed: int = 0
     threads: int | None = None  # torch intra-op threads; None: torch's default
+    tf32: bool = False  # CUDA matmuls in TF32 (torch.backends.cuda.matmul.allow_tf32)
 
     @staticmethod
     def from_dict(raw: dict[str, Any]) -> Job:
@@ -111,6 +112,8 @@ def _error_row(job: Job, op: str, mode: str, exc: BaseException) -> dict[str, An
 def run_job(job: Job, measure_rss: bool) -> list[dict[str, Any]]:
     if job.threads is not None:
         torch.set_num_threads(job.threads)
+    torch.backends.cuda.matmul.allow_tf32 = job.tf32
+    torch.backends.cudnn.allow_tf32 = job.tf32
     try:
         cases = _cases(job)
     except Exception as exc:  # report, do not crash the suite
