@@ -8,7 +8,7 @@ REQUIRED_BACKENDS ?=
 STAMP := $(VENV)/.protoseg-installed
 BUILD_INPUTS := setup.py pyproject.toml requirements-dev.txt $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: install test lint env demo clean
+.PHONY: install test bench lint env demo clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ install: $(STAMP)
 
 test: install
 	PROTOSEG_REQUIRE_BACKENDS=$(REQUIRED_BACKENDS) $(PY) -m pytest -q
+
+# The benchmark suite (README "Benchmarks"): prints the table and writes JSON, CSV,
+# markdown and plots to benchmarks/results/<device>/. BENCH_ARGS="--suite full", ...
+BENCH_ARGS ?=
+bench: install
+	$(PY) -m benchmarks $(BENCH_ARGS)
 
 lint: install
 	$(PY) -m ruff check .
