@@ -30,6 +30,7 @@ def train_steps(model, loss_fn, shards, make_generator=None, lr=0.1):
 
 
 def run_rank(rank: int, world: int, init_file: str, out_dir: str, case: dict) -> None:
+    torch.set_num_threads(1)  # two processes share the cores
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         from test_protoseg_distributed import make_head, shard

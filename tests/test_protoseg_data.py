@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from protoseg_fixtures import single_thread  # noqa: F401 (autouse fixture)
 from torch import nn
 
 from protoseg import FeatureMapBackbone, ProtoSegHead, SegmentationModel, SmallCNN, torchvision_resnet, train

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.multiprocessing as mp
 from protoseg_ddp_worker import train_steps
+from protoseg_fixtures import single_thread  # noqa: F401 (autouse fixture)
 
 from protoseg import PixelPrototypeCELoss, ProtoSegHead
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from protoseg_fixtures import single_thread  # noqa: F401 (autouse fixture)
 from protoseg_literal import literal_step
 
 from protoseg import LinearHead, PixelPrototypeCELoss, ProtoSegHead, downsample_labels

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import yaml
+from protoseg_fixtures import single_thread  # noqa: F401 (autouse fixture)
 
 from protoseg import train, visualize
 from protoseg.checkpoint import load_checkpoint, model_from_checkpoint
