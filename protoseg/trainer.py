@@ -169,6 +169,8 @@ class Trainer:
         return LossTerms(*(term.detach().float() for term in terms))
 
     def evaluate(self) -> dict[str, Any]:
+        if self.context.group is not None:
+            self._broadcast_buffers()
         matrix: ConfusionMatrix = evaluate(self.model, self._val_batches(), self.num_classes, IGNORE_INDEX,
                                            self.device, self.amp_dtype)
         if self.context.group is not None:
@@ -178,6 +180,13 @@ class Trainer:
         self._print(f"\nevaluation at iteration {self.iteration}:\n"
                     + format_iou_table(self.class_names, {"IoU %": self.last_eval}))
         return self.last_eval
+
+    @torch.no_grad()
+    def _broadcast_buffers(self) -> None:
+        """Give every rank rank 0's buffers (BatchNorm statistics, which each rank
+        updates from its own batch), so all ranks evaluate the model that is saved."""
+        for buffer in self.model.buffers():
+            torch.distributed.broadcast(buffer, src=0, group=self.context.group)
 
     def save(self, path: Path | None = None) -> None:
         rng = {"cpu": torch.get_rng_state(),

@@ -87,3 +87,41 @@ def run_rank_entry(rank, world, init_file, out_dir, case):
     from protoseg_ddp_worker import run_rank
 
     run_rank(rank, world, init_file, out_dir, case)
+
+
+def test_cli_under_torchrun_shards_training_and_evaluation(tmp_path):
+    """``torchrun`` with 2 gloo processes: training runs, and the evaluation (each rank
+    scores its share of the images, the confusion matrices are summed) equals a
+    single-process evaluation of the saved model."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from protoseg.checkpoint import model_from_checkpoint
+    from protoseg.data import IGNORE_INDEX, build_datasets
+    from protoseg.evaluation import evaluate
+
+    run_dir = tmp_path / "run"
+    overrides = ["model.width=8", "model.embed_dim=8", "model.num_prototypes=2", "data.synthetic_train_images=16",
+                 "data.synthetic_val_images=5", "data.synthetic_image_size=32", "data.crop_size=[32,32]",
+                 "data.batch_size=2", "data.val_batch_size=2", "optim.optimizer=adamw", "optim.lr=0.01",
+                 "optim.iters=30", "train.progress=false",
+                 f"train.output_dir={run_dir}"]
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "protoseg.train", *overrides]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+
+    model, config, class_names, _ = model_from_checkpoint(run_dir / "last.pt")
+    val = build_datasets(config.data).val
+    batches = [(image[None], labels[None]) for image, labels in (val[i] for i in range(len(val)))]
+    matrix = evaluate(model, batches, len(class_names), IGNORE_INDEX, torch.device("cpu"))
+    assert int(matrix.counts.sum()) == sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches)
+    assert matrix.summary(class_names) == {k: v for k, v in metrics.items() if k != "iter"}
+    assert int(matrix.counts.diagonal()[1:].sum()) > 0, "the test needs predictions beyond the background"
