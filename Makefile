@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # Every fused backend must run in the test suite: a missing one fails instead of skipping.
-REQUIRED_BACKENDS ?=
+REQUIRED_BACKENDS ?= cpu
 STAMP := $(VENV)/.protoseg-installed
 BUILD_INPUTS := setup.py pyproject.toml requirements-dev.txt $(shell find csrc -type f 2>/dev/null)
 

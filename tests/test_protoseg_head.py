@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from protoseg_fixtures import single_thread  # noqa: F401 (autouse fixture)
 from protoseg_literal import literal_step
 
+import protoseg_kernels as pk
 from protoseg import LinearHead, PixelPrototypeCELoss, ProtoSegHead, downsample_labels
 
 IGNORE = 255
@@ -74,7 +75,11 @@ def compare_step(head, features, labels, noise, generator):
     mirror = make_head()
     mirror.load_state_dict(head.state_dict())
     expected, expected_grads = run_literal(mirror, features, labels, noise)
-    out, terms, grads = run_head(head, features, labels, generator)
+    # A one-pixel class has an exactly uniform Sinkhorn q, so its target is a tie that
+    # rounding decides; the fused backends match the reference only up to such ties
+    # (SPEC §5), and this comparison needs the literal tie-breaking: the reference.
+    with pk.use_backend("reference"):
+        out, terms, grads = run_head(head, features, labels, generator)
     assert_close(out.seg, expected.seg, "seg logits")
     assert torch.equal(out.target, expected.target), "Sinkhorn targets"
     assert_close(head.prototypes, expected.prototypes, "updated prototypes")
