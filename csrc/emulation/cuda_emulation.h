@@ -3,7 +3,7 @@
 //
 // Execution model:
 // * A launch runs its blocks one after another; the threads of a block are OS threads
-//   (started once per launch and reused for every block).
+//   (kept in a pool across launches, each running its thread of every block).
 // * `__syncthreads()` is a std::barrier of the block; warp collectives (shuffles,
 //   ballots, `__syncwarp`) go through a per-warp exchange buffer guarded by a
 //   barrier of the warp's 32 lanes.
@@ -30,14 +30,19 @@
 #endif
 
 #include <array>
+#include <pthread.h>
+
 #include <atomic>
 #include <barrier>
 #include <cstdint>
 #include <cstring>
 #include <exception>
+#include <functional>
+#include <latch>
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <semaphore>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -83,11 +88,13 @@ struct KernelError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// The lanes of one warp: an exchange slot each and a barrier for collectives.
+// The lanes of one warp: a barrier for collectives and two banks of exchange slots,
+// used alternately, so one barrier per collective suffices (a lane can only rewrite a
+// bank after every lane passed the next collective's barrier, i.e. finished reading).
 struct Warp {
   explicit Warp(int lanes) : barrier(lanes) {}
   std::barrier<> barrier;
-  std::array<std::uint64_t, kWarpSize> slots{};
+  std::array<std::array<std::uint64_t, kWarpSize>, 2> slots{};
 };
 
 // Per-block synchronisation state, rebuilt before every block.
@@ -122,20 +129,22 @@ inline void require_full_mask(unsigned int mask, const char* what) {
   }
 }
 
+// The exchange bank of the calling lane's next warp collective (counted per lane).
+inline std::array<std::uint64_t, kWarpSize>& next_bank() {
+  return current_warp().slots[current.record->warp_collectives++ & 1];
+}
+
 // Every lane publishes `value` and reads lane `source`'s; `source` out of the warp
 // (or out of the lane's width segment, decided by the caller) keeps the own value.
 template <typename T>
 T exchange(T value, int source) {
   static_assert(std::is_trivially_copyable_v<T> && sizeof(T) <= sizeof(std::uint64_t),
                 "warp exchange of types up to 8 bytes");
-  Warp& warp = current_warp();
-  const int lane = lane_id();
-  ++current.record->warp_collectives;
-  std::memcpy(&warp.slots[lane], &value, sizeof(T));
-  warp.barrier.arrive_and_wait();  // every lane has written
+  auto& bank = next_bank();
+  std::memcpy(&bank[lane_id()], &value, sizeof(T));
+  current_warp().barrier.arrive_and_wait();  // every lane has written
   T result = value;
-  if (source >= 0 && source < kWarpSize) std::memcpy(&result, &warp.slots[source], sizeof(T));
-  warp.barrier.arrive_and_wait();  // every lane has read: the slots may be reused
+  if (source >= 0 && source < kWarpSize) std::memcpy(&result, &bank[source], sizeof(T));
   return result;
 }
 
@@ -146,6 +155,66 @@ inline void check_width(int width) {
 }
 
 // ---- launch ---------------------------------------------------------------------
+
+// OS threads kept across launches (starting 256 threads per launch would cost more
+// than most emulated kernels). run() hands job(t) to threads 0..count-1 and returns
+// when all of them returned. Launches are serialised, so one job runs at a time.
+class WorkerPool {
+ public:
+  void run(int count, const std::function<void(int)>& job) {
+    while (int(workers_.size()) < count) {
+      auto worker = std::make_unique<Worker>();
+      worker->thread = std::thread(&WorkerPool::serve, this, worker.get(), int(workers_.size()));
+      workers_.push_back(std::move(worker));
+    }
+    std::latch done(count);
+    job_ = &job;
+    done_ = &done;
+    for (int t = 0; t < count; ++t) workers_[t]->start.release();
+    done.wait();
+  }
+
+  // In a forked child the workers do not exist: forget them (never joined, so leaked)
+  // and start new ones on the next launch.
+  void forget_workers() {
+    for (auto& worker : workers_) worker.release();
+    workers_.clear();
+  }
+
+ private:
+  struct Worker {
+    std::binary_semaphore start{0};
+    std::thread thread;
+  };
+
+  void serve(Worker* worker, int index) {
+    for (;;) {
+      worker->start.acquire();
+      (*job_)(index);
+      done_->count_down();
+    }
+  }
+
+  std::vector<std::unique_ptr<Worker>> workers_;
+  const std::function<void(int)>* job_ = nullptr;
+  std::latch* done_ = nullptr;
+};
+
+inline std::mutex& launch_mutex();
+
+// The pool lives as long as the process (its threads block forever between launches).
+// A fork waits for the running launch, and the child starts with an empty pool.
+inline WorkerPool& worker_pool() {
+  static WorkerPool* pool = [] {
+    pthread_atfork([] { launch_mutex().lock(); }, [] { launch_mutex().unlock(); },
+                   [] {
+                     worker_pool().forget_workers();
+                     launch_mutex().unlock();
+                   });
+    return new WorkerPool();
+  }();
+  return *pool;
+}
 
 inline std::mutex& launch_mutex() {
   static std::mutex mutex;
@@ -174,6 +243,7 @@ template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args&&... args) {
   static_assert(sizeof...(Params) == sizeof...(Args), "kernel argument count mismatch");
   check_launch_configuration(grid, block);
+  WorkerPool& pool = worker_pool();  // before taking the lock: it registers the fork handlers
   const std::lock_guard<std::mutex> one_grid_at_a_time(launch_mutex());
   const std::tuple<std::decay_t<Params>...> params(std::forward<Args>(args)...);
   const int threads = int(block.x * block.y * block.z);
@@ -203,7 +273,7 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args&&... args) {
   std::barrier block_boundary(threads, between_blocks);
   sync.emplace(threads);
 
-  auto worker = [&](int linear) {
+  const std::function<void(int)> worker = [&](int linear) {
     current.linear = linear;
     current.record = &records[linear];
     threadIdx = uint3{linear % block.x, (linear / block.x) % block.y, linear / (block.x * block.y)};
@@ -231,16 +301,7 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, Args&&... args) {
     }
   };
 
-  std::vector<std::thread> pool;
-  pool.reserve(threads);
-  try {
-    for (int t = 0; t < threads; ++t) pool.emplace_back(worker, t);
-  } catch (...) {
-    // Could not start every thread: the started ones wait forever at the first
-    // barrier, so there is no way to continue.
-    std::terminate();
-  }
-  for (auto& thread : pool) thread.join();
+  pool.run(threads, worker);
   if (!error.empty()) throw std::runtime_error("emulated CUDA kernel failed: " + error);
 }
 
@@ -302,14 +363,11 @@ T __shfl_xor_sync(unsigned int mask, T value, int lane_mask, int width = warpSiz
 inline unsigned int __ballot_sync(unsigned int mask, int predicate) {
   using namespace protoseg::emulation;
   require_full_mask(mask, "__ballot_sync");
-  Warp& warp = current_warp();
-  const int lane = lane_id();
-  ++current.record->warp_collectives;
-  warp.slots[lane] = predicate != 0;
-  warp.barrier.arrive_and_wait();
+  auto& bank = next_bank();
+  bank[lane_id()] = predicate != 0;
+  current_warp().barrier.arrive_and_wait();
   unsigned int bits = 0;
-  for (int l = 0; l < kWarpSize; ++l) bits |= unsigned(warp.slots[l] != 0) << l;
-  warp.barrier.arrive_and_wait();
+  for (int l = 0; l < kWarpSize; ++l) bits |= unsigned(bank[l] != 0) << l;
   return bits;
 }
 
