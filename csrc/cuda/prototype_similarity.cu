@@ -13,7 +13,7 @@ constexpr const char* kForward = "similarity_forward";
 constexpr const char* kBackward = "similarity_backward";
 
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kTileThreads)
+__global__ void __launch_bounds__(kTileThreads, kTileBlocksPerSm)
     similarity_kernel(SimilarityOperands<scalar_t, acc_t> ops, scalar_t* similarity) {
   constexpr int kTile = TileConfig<acc_t>::kTile;
   constexpr int kMicro = TileConfig<acc_t>::kMicro;

@@ -64,7 +64,7 @@ PROTOSEG_DEVICE void accumulate_rows(acc_t* out, int64_t rows, int64_t d, int64_
 // grad_x_hat [n, d] = dS · P̂ for the kTile pixels of this block (rows owned by the
 // block: plain read-modify-write, no atomics).
 template <typename scalar_t, typename acc_t, typename Rule>
-__global__ void __launch_bounds__(kTileThreads)
+__global__ void __launch_bounds__(kTileThreads, kTileBlocksPerSm)
     grad_x_kernel(SimilarityOperands<scalar_t, acc_t> ops, Rule rule, acc_t* grad_x_hat) {
   constexpr int kTile = TileConfig<acc_t>::kTile;
   constexpr int kMicro = TileConfig<acc_t>::kMicro;
@@ -102,7 +102,7 @@ __global__ void __launch_bounds__(kTileThreads)
 // partial[split] [m, d] = dSᵀ · x̂ over the pixel tiles of this split, for the kTile
 // prototypes of this block.
 template <typename scalar_t, typename acc_t, typename Rule>
-__global__ void __launch_bounds__(kTileThreads)
+__global__ void __launch_bounds__(kTileThreads, kTileBlocksPerSm)
     grad_p_kernel(SimilarityOperands<scalar_t, acc_t> ops, Rule rule, acc_t* partial, int64_t tiles_per_split) {
   constexpr int kTile = TileConfig<acc_t>::kTile;
   constexpr int kMicro = TileConfig<acc_t>::kMicro;

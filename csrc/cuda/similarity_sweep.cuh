@@ -18,7 +18,7 @@
 namespace protoseg::cuda {
 
 template <typename scalar_t, typename acc_t, typename Visitor>
-__global__ void __launch_bounds__(kTileThreads)
+__global__ void __launch_bounds__(kTileThreads, kTileBlocksPerSm)
     similarity_sweep_kernel(SimilarityOperands<scalar_t, acc_t> ops, typename Visitor::Params params) {
   constexpr int kTile = TileConfig<acc_t>::kTile;
   __shared__ DepthSlices<acc_t> slices;

@@ -18,6 +18,10 @@ namespace protoseg::cuda {
 
 constexpr int kTileSide = 16;  // threads per tile side
 constexpr int kTileThreads = kTileSide * kTileSide;
+// Resident blocks per SM the tile kernels are compiled for: allows 128 registers per
+// thread, which the 4 × 4 micro tiles of the backward kernels need without spilling
+// (ptxas otherwise caps registers at the occupancy their shared memory allows).
+constexpr int kTileBlocksPerSm = 2;
 
 template <typename acc_t>
 struct TileConfig {
