@@ -94,7 +94,8 @@ def _split_top_level(text: str) -> list[str]:
 def describe(demangled: str) -> tuple[str, str]:
     """('grad_p_kernel<PpcPpdGradient>', 'bf16') from a demangled kernel signature: the
     kernel with its non-type template arguments, and the element type it runs on."""
-    name = demangled.replace("protoseg::cuda::", "").replace("(anonymous namespace)::", "")
+    name = demangled.removeprefix("void ").replace("(anonymous namespace)::", "")
+    name = name.replace("protoseg::cuda::", "").replace("protoseg::", "")
     name = name[: name.find("(")] if "(" in name else name
     if "<" not in name:
         return name, "-"

@@ -48,7 +48,7 @@ def _upstream(shape: tuple[int, ...], seed: int) -> Tensor:
 
 
 def _grads(outputs: list[Tensor], weights: list[Tensor], inputs: list[Tensor]) -> list[Tensor | None]:
-    loss = sum((o.to(F64) * w).sum() for o, w in zip(outputs, weights))
+    loss = sum((o.to(F64) * w.to(o.device)).sum() for o, w in zip(outputs, weights))
     return list(torch.autograd.grad(loss, inputs, allow_unused=True))
 
 
@@ -262,7 +262,7 @@ def check_update_prototypes(
     x, p = case.x.to(dtype), case.prototypes.to(dtype)
     mask = None
     if with_mask:
-        mask = torch.rand(case.shape[0], generator=torch.Generator().manual_seed(6)) < 0.7
+        mask = (torch.rand(case.shape[0], generator=torch.Generator().manual_seed(6)) < 0.7).to(case.x.device)
     kwargs = dict(mask=mask, momentum=momentum, normalize=normalize)
     with pk.use_backend("reference"):
         ref = pk.update_prototypes(p.to(F64), x.to(F64), case.labels, case.index, **kwargs)

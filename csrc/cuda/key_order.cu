@@ -12,7 +12,7 @@ constexpr int kScanThreads = 256;
 // rank[i] = number of earlier pixels of i's tile with i's key; tile_counts[tile][g] =
 // number of pixels with key g in the tile (written by the first of them; the rest of
 // the matrix was zero-filled).
-__global__ void __launch_bounds__(kSortTile)
+__global__ void __launch_bounds__(kSortTile, kSmallKernelBlocksPerSm)
     tile_rank_kernel(const int64_t* keys, int64_t n, int64_t groups, int32_t* rank, int32_t* tile_counts) {
   __shared__ int64_t tile_keys[kSortTile];
   const int t = threadIdx.x;
@@ -34,7 +34,7 @@ __global__ void __launch_bounds__(kSortTile)
 
 // In place: tile_counts[tile][g] becomes the number of key-g pixels in earlier tiles;
 // counts[g] = number of key-g pixels. One thread per key.
-__global__ void __launch_bounds__(kScanThreads)
+__global__ void __launch_bounds__(kScanThreads, kSmallKernelBlocksPerSm)
     key_prefix_kernel(int32_t* tile_counts, int64_t tiles, int64_t groups, int64_t* counts) {
   const int64_t g = global_thread_x();
   if (g >= groups) return;
@@ -50,7 +50,7 @@ __global__ void __launch_bounds__(kScanThreads)
 
 // starts[g] = Σ_{g' < g} counts[g'] for g <= groups (starts[groups] = valid pixels).
 // One block; chunks of kScanThreads keys carry their total to the next.
-__global__ void __launch_bounds__(kScanThreads)
+__global__ void __launch_bounds__(kScanThreads, kSmallKernelBlocksPerSm)
     exclusive_scan_kernel(const int64_t* counts, int64_t groups, int64_t* starts) {
   constexpr int kWarps = kScanThreads / kWarpSize;
   __shared__ int64_t warp_totals[kWarps];
@@ -75,7 +75,7 @@ __global__ void __launch_bounds__(kScanThreads)
 }
 
 // perm[p] = pixel at sorted position p, sorted_key[p] = its key.
-__global__ void __launch_bounds__(kSortTile)
+__global__ void __launch_bounds__(kSortTile, kSmallKernelBlocksPerSm)
     scatter_kernel(const int64_t* keys, int64_t n, int64_t groups, const int32_t* rank, const int32_t* tile_offsets,
                    const int64_t* starts, int64_t* perm, int64_t* sorted_key) {
   const int64_t i = global_thread_x();

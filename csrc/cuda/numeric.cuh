@@ -52,10 +52,4 @@ PROTOSEG_DEVICE scalar_t from_acc(acc_t v) {
   return Store<scalar_t>::from(v);
 }
 
-// Element i of a row scaled by an optional factor (an inverse norm), in acc_t.
-template <typename acc_t, typename scalar_t>
-PROTOSEG_DEVICE acc_t load_scaled(const scalar_t* row, int64_t i, acc_t scale) {
-  return to_acc(row[i]) * scale;
-}
-
 }  // namespace protoseg::cuda

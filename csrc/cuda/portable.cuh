@@ -46,6 +46,12 @@ namespace protoseg::cuda {
 constexpr unsigned int kFullWarpMask = 0xffffffffu;
 constexpr int kWarpSize = 32;
 
+// Resident blocks per SM the small memory-bound kernels (256 threads) are compiled for,
+// the second argument of their __launch_bounds__: it allows 64 registers per thread.
+// Without it ptxas caps registers at the occupancy that shared memory allows (32 for
+// these kernels) and spills where a kernel needs a few more.
+constexpr int kSmallKernelBlocksPerSm = 4;
+
 // Global index of the calling thread along x, in 64 bits (blockIdx.x * blockDim.x
 // overflows 32 bits on large grids).
 PROTOSEG_DEVICE int64_t global_thread_x() {

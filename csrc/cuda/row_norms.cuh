@@ -15,7 +15,7 @@ PROTOSEG_DEVICE int64_t global_warp_index() {
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kRowThreads)
+__global__ void __launch_bounds__(kRowThreads, kSmallKernelBlocksPerSm)
     inverse_norms_kernel(const scalar_t* rows, int64_t count, int64_t length, acc_t* inverse) {
   const int64_t row = global_warp_index();
   if (row >= count) return;  // uniform over the warp

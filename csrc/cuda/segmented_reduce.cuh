@@ -41,7 +41,7 @@ PROTOSEG_DEVICE int64_t run_slot(int64_t position, int64_t key, int64_t chunks) 
 
 // Source concept: acc_t operator()(int64_t pixel, int64_t key, int64_t column) const.
 template <typename Reduction, typename Source>
-__global__ void __launch_bounds__(kChunk)
+__global__ void __launch_bounds__(kChunk, kSmallKernelBlocksPerSm)
     run_partials_kernel(const int64_t* perm, const int64_t* sorted_key, const int64_t* starts, int64_t groups,
                         int64_t chunks, int64_t columns, Source source, Reduction* partial) {
   __shared__ int64_t chunk_pixels[kChunk];
@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(kChunk)
 
 // Writer concept: void operator()(int64_t key, int64_t column, const Reduction&) const.
 template <typename Reduction, typename Writer>
-__global__ void __launch_bounds__(kChunk)
+__global__ void __launch_bounds__(kChunk, kSmallKernelBlocksPerSm)
     combine_runs_kernel(const int64_t* starts, int64_t chunks, int64_t columns, const Reduction* partial,
                         Writer writer) {
   const int64_t key = blockIdx.x;

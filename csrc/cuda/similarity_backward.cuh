@@ -146,7 +146,7 @@ __global__ void __launch_bounds__(kTileThreads, kTileBlocksPerSm)
 // normalising), cast to scalar_t; one warp per row. The split sum is written back to
 // partial[0][r] between the two passes over the row.
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kRowThreads)
+__global__ void __launch_bounds__(kRowThreads, kSmallKernelBlocksPerSm)
     finalize_rows_kernel(acc_t* partial, int64_t splits, const scalar_t* v, scalar_t* grad, int64_t rows,
                          int64_t length, bool normalize) {
   const int64_t row = global_warp_index();

@@ -17,7 +17,7 @@ constexpr int kPixelThreads = 256;  // one thread per pixel
 
 // One warp per pixel: K dot products with the prototypes of the pixel's class.
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kRowThreads)
+__global__ void __launch_bounds__(kRowThreads, kSmallKernelBlocksPerSm)
     logits_kernel(SimilarityOperands<scalar_t, acc_t> ops, const int64_t* segment, int64_t classes,
                   int64_t per_class, acc_t epsilon, acc_t* logits) {
   const int64_t i = global_warp_index();
@@ -51,7 +51,7 @@ struct ShiftedRow {
 
 // row_lse[i] = log Σ_k exp(L_ik + β_ck) for pixels of a class (unused elsewhere).
 template <typename acc_t>
-__global__ void __launch_bounds__(kPixelThreads)
+__global__ void __launch_bounds__(kPixelThreads, kSmallKernelBlocksPerSm)
     row_logsumexp_kernel(const acc_t* logits, const int64_t* segment, const acc_t* beta, int64_t n, int64_t classes,
                          int64_t per_class, acc_t* row_lse) {
   const int64_t i = global_thread_x();
@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(kPixelThreads)
 }
 
 template <typename acc_t>
-__global__ void __launch_bounds__(kPixelThreads)
+__global__ void __launch_bounds__(kPixelThreads, kSmallKernelBlocksPerSm)
     finalize_kernel(const acc_t* logits, const int64_t* segment, const acc_t* beta, int64_t n, int64_t classes,
                     int64_t per_class, int64_t* index, acc_t* q) {
   const int64_t i = global_thread_x();

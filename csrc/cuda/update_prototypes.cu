@@ -33,7 +33,7 @@ struct RowSumWriter {
 
 // One warp per prototype row.
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kRowThreads)
+__global__ void __launch_bounds__(kRowThreads, kSmallKernelBlocksPerSm)
     momentum_kernel(const scalar_t* prototypes, const acc_t* sums, const int64_t* counts, int64_t m, int64_t d,
                     acc_t momentum, bool normalize, scalar_t* updated) {
   const int64_t j = global_warp_index();

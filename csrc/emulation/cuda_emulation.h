@@ -34,6 +34,7 @@
 
 #include <atomic>
 #include <barrier>
+#include <bit>
 #include <cstdint>
 #include <cstring>
 #include <exception>
@@ -373,6 +374,11 @@ inline unsigned int __ballot_sync(unsigned int mask, int predicate) {
 
 inline int __any_sync(unsigned int mask, int predicate) { return __ballot_sync(mask, predicate) != 0; }
 inline int __all_sync(unsigned int mask, int predicate) { return __ballot_sync(mask, predicate) == mask; }
+
+// ---- integer intrinsics ------------------------------------------------------------
+
+inline int __popc(unsigned int x) { return std::popcount(x); }
+inline int __popcll(unsigned long long x) { return std::popcount(x); }
 
 // ---- memory ordering and atomics ---------------------------------------------------
 
