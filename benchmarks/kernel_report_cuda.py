@@ -29,6 +29,7 @@ CSRC = ROOT / "csrc"
 # The device flags of setup.py (NVCC_FLAGS and -DPROTOSEG_WITH_CUDA; -lineinfo does not
 # change code generation).
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-DPROTOSEG_WITH_CUDA", "-std=c++20"]
+STATIC_SHARED_LIMIT = 48 * 1024  # bytes a block may declare statically
 ELEMENT_TYPES = {"__half": "fp16", "__nv_bfloat16": "bf16", "double": "fp64", "float": "fp32"}
 
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+)'")
@@ -141,9 +142,11 @@ def collect(presets: dict | None = None, capabilities: list[int] | tuple[int, ..
     rows = []
     for entry, demangled in zip(entries, _demangle([e["mangled"] for e in entries])):
         kernel, element = describe(demangled)
-        rows.append({"kernel": kernel, "config": element, "target": entry["target"],
-                     "registers": entry["registers"], "spills": entry["spills"], "stack": entry["stack"],
-                     "shared": entry["shared"]})
+        row = {"kernel": kernel, "config": element, "target": entry["target"], "registers": entry["registers"],
+               "spills": entry["spills"], "stack": entry["stack"], "shared": entry["shared"]}
+        if row["shared"] > STATIC_SHARED_LIMIT:
+            row["problem"] = f"{row['shared']} bytes of static shared memory exceed the 48 KiB limit"
+        rows.append(row)
     return sorted(rows, key=lambda r: (r["kernel"], r["config"], r["target"]))
 
 
