@@ -118,6 +118,8 @@ inline void check_features(const char* kernel, const at::Tensor& x, const at::Te
   check_rank(kernel, "prototypes", prototypes, 3);
   TORCH_CHECK(prototypes.size(2) == x.size(1), kernel, ": prototypes must have shape [C, K, D=", x.size(1),
               "], got ", prototypes.sizes());
+  TORCH_CHECK(prototypes.size(0) > 0 && prototypes.size(1) > 0 && x.size(1) > 0, kernel,
+              ": C, K and D must be positive, got prototypes of shape ", prototypes.sizes());
   TORCH_CHECK(prototypes.scalar_type() == x.scalar_type(), kernel, ": prototypes must have x's dtype ",
               x.scalar_type(), ", got ", prototypes.scalar_type());
   TORCH_CHECK(x.device() == prototypes.device(), kernel, ": x and prototypes must be on one device");
