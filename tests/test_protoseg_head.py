@@ -16,12 +16,15 @@ C, K, C_IN, D = 5, 3, 12, 8
 
 def make_batch(seed: int, b: int = 2, h: int = 5, w: int = 7, factor: int = 2):
     """Features [b, C_in, h, w] and labels [b, factor·h, factor·w] with ignored pixels,
-    an absent class (C − 1) and a class present at one feature pixel (class 0)."""
+    an absent class (C − 1) and a class present at three feature pixels (class 0).
+    (A class at a single pixel would make its Sinkhorn assignment uniform: an exact
+    tie, which the ops' own tests cover.)"""
     g = torch.Generator().manual_seed(seed)
     features = torch.randn(b, C_IN, h, w, generator=g, dtype=torch.float64)
     labels = torch.randint(1, C - 1, (b, h * factor, w * factor), generator=g)
     labels[torch.rand(labels.shape, generator=g) < 0.15] = IGNORE
-    labels[0, 0, 0] = 0  # the top-left pixel of block (0, 0) is what nearest downsampling keeps
+    # Nearest downsampling keeps the top-left pixel of each factor x factor block.
+    labels[0, 0, 0] = labels[0, 0, factor] = labels[0, factor, 0] = 0
     return features, labels
 
 
