@@ -20,6 +20,9 @@
 namespace protoseg::cuda {
 
 constexpr int kChunk = 256;  // sorted positions folded per block
+// The fold evaluates its source in the loop (an fp64 exp for the Sinkhorn marginals),
+// which needs more than the 64 registers of the other small kernels.
+constexpr int kRunPartialsBlocksPerSm = 2;
 
 // ---- reductions --------------------------------------------------------------------
 
@@ -41,7 +44,7 @@ PROTOSEG_DEVICE int64_t run_slot(int64_t position, int64_t key, int64_t chunks) 
 
 // Source concept: acc_t operator()(int64_t pixel, int64_t key, int64_t column) const.
 template <typename Reduction, typename Source>
-__global__ void __launch_bounds__(kChunk, kSmallKernelBlocksPerSm)
+__global__ void __launch_bounds__(kChunk, kRunPartialsBlocksPerSm)
     run_partials_kernel(const int64_t* perm, const int64_t* sorted_key, const int64_t* starts, int64_t groups,
                         int64_t chunks, int64_t columns, Source source, Reduction* partial) {
   __shared__ int64_t chunk_pixels[kChunk];
