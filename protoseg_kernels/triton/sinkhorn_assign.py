@@ -190,7 +190,7 @@ def sinkhorn_finalize(logits: Tensor, segment: Tensor, beta: Tensor, return_q: b
     n, k = logits.shape
     index = torch.empty(n, dtype=torch.int64, device=logits.device)
     q = torch.empty(n if return_q else 0, k, dtype=torch.float32, device=logits.device)
-    block_n = 16 if interpreted(logits.device) else 128
+    block_n = 32 if interpreted(logits.device) else 128
     launch(_finalize_kernel, (triton.cdiv(n, block_n),), logits, segment.contiguous(), beta.contiguous(), index,
            q, n, k, WITH_Q=return_q, BN=block_n, KP=triton.next_power_of_2(k))
     return index, q if return_q else logits.new_empty(0)

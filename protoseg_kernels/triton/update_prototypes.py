@@ -43,6 +43,16 @@ def _segment_sums_kernel(x_ptr, stride_xn, stride_xd, inv_x_ptr, order_ptr, boun
 
 
 @triton.jit
+def _sqrt(v, COMPUTE: tl.constexpr):
+    """Correctly rounded square root (``sqrt_rn`` takes fp32 only)."""
+    if COMPUTE == tl.float64:
+        root = tl.sqrt(v)
+    else:
+        root = tl.sqrt_rn(v)
+    return root
+
+
+@triton.jit
 def _row_norms_of_pair(p_ptr, stride_pj, stride_pd, s_ptr, rows, row_ok, D, COMPUTE: tl.constexpr,
                        BR: tl.constexpr, BD: tl.constexpr):
     """(‖P_row‖, ‖s_row‖) in the compute dtype."""
@@ -55,7 +65,7 @@ def _row_norms_of_pair(p_ptr, stride_pj, stride_pd, s_ptr, rows, row_ok, D, COMP
         s = tl.load(s_ptr + rows[:, None] * D + dd[None, :], mask=ok, other=0.0).to(COMPUTE)
         p_sq += tl.sum(p * p, axis=1)
         s_sq += tl.sum(s * s, axis=1)
-    return tl.sqrt_rn(p_sq), tl.sqrt_rn(s_sq)
+    return _sqrt(p_sq, COMPUTE), _sqrt(s_sq, COMPUTE)
 
 
 @triton.jit
@@ -88,7 +98,7 @@ def _momentum_kernel(p_ptr, stride_pj, stride_pd, s_ptr, counts_ptr, out_ptr, CK
         _, _, _, v = _blend_chunk(p_ptr, stride_pj, stride_pd, s_ptr, rows, row_ok, d0, D, p_scale, s_scale,
                                   momentum, COMPUTE, BD)
         v_sq += tl.sum(v * v, axis=1)
-    v_scale = 1.0 / tl.maximum(tl.sqrt_rn(v_sq), NORM_EPS)
+    v_scale = 1.0 / tl.maximum(_sqrt(v_sq, COMPUTE), NORM_EPS)
     for d0 in range(0, D, BD):
         dd, ok, p_hat, v = _blend_chunk(p_ptr, stride_pj, stride_pd, s_ptr, rows, row_ok, d0, D, p_scale, s_scale,
                                         momentum, COMPUTE, BD)
