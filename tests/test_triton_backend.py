@@ -165,12 +165,12 @@ def test_gpu_tile_configurations_are_legal(c, k):
 
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         layouts = [_config.class_scores_forward_tiles(meta, dtype, c, k), _config.flat_forward_tiles(meta, dtype, c, k),
-                   _config.gradient_tiles(meta, dtype, c, k, False), _config.gradient_tiles(meta, dtype, c, k, True)]
+                   *(_config.gradient_tiles(meta, dtype, c, k, layout) for layout in _config.LAYOUTS)]
         for tiles in layouts:
             assert all(pow2(v) for v in (tiles.block_n, tiles.block_d, tiles.k_slots, tiles.block_c))
             assert min(tiles.block_n, tiles.block_d, tiles.width) >= 16  # tl.dot's minimum
             assert tiles.width <= 256
-        assert layouts[3].k_slots >= k  # whole classes per tile for the per-class softmax
+        assert layouts[-1].k_slots >= k  # whole classes per tile for the per-class softmax
     seg = _config.segment_tiles(meta, c, k)
     assert seg.k_pad >= k and seg.block_n * seg.block_c * seg.k_pad <= 8192
 

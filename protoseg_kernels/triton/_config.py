@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import triton
 
-from ._host import INTERPRETING
+from ._host import INTERPRETING, dot_precision
 
 MIN_DOT = 16  # tl.dot needs every block dimension >= 16
 DEFAULT_SM_COUNT = 132  # H100 SXM; used when compiling without a GPU (kernel report)
@@ -69,9 +69,16 @@ class GemmTiles:
                 "FLAT": self.flat, "num_warps": self.num_warps, "num_stages": self.num_stages}
 
 
+# Wider tiles re-read x less often; a block size may pad this much more than the tightest one.
+PADDING_SLACK = 1.125
+
+
 def _least_padding(options: list[int], size: int) -> int:
-    """The option (block size) that pads ``size`` least; the largest among equals."""
-    return min(options, key=lambda b: (triton.cdiv(size, b) * b, -b))
+    """The largest option (block size) that pads ``size`` to at most PADDING_SLACK times
+    the tightest option's padding."""
+    padded = {b: triton.cdiv(size, b) * b for b in options}
+    tightest = min(padded.values())
+    return max(b for b in options if padded[b] <= PADDING_SLACK * tightest)
 
 
 def _powers_of_two(lo: int, hi: int) -> list[int]:
@@ -83,42 +90,52 @@ def _powers_of_two(lo: int, hi: int) -> list[int]:
     return out
 
 
-def _class_layout(c: int, k: int, max_width: int, whole_classes: bool) -> tuple[int, int]:
-    """(k_slots, block_c) of a class-layout tile at most ``max_width`` wide (at least 16)."""
+def _class_layout(c: int, k: int, min_width: int, max_width: int, whole_classes: bool) -> tuple[int, int]:
+    """(k_slots, block_c) of a class-layout tile between ``min_width`` (if K allows) and
+    ``max_width`` columns wide."""
     if whole_classes:
         slots = next_pow2(k)
     else:
         slots = _least_padding(_powers_of_two(1, min(next_pow2(k), max_width)), k)
-    widths_ok = [b for b in _powers_of_two(1, max(max_width // slots, 1)) if b * slots >= MIN_DOT]
-    block_c = _least_padding(widths_ok or [max(MIN_DOT // slots, 1)], c)
+    widths_ok = [b for b in _powers_of_two(1, max(max_width // slots, 1)) if b * slots >= min_width]
+    block_c = _least_padding(widths_ok or [max(min_width // slots, 1)], c)
     return slots, block_c
 
 
-def _gemm(device: torch.device, dtype: torch.dtype, *, block_n: int, width: int, num_warps: int,
-          num_stages: int, c: int, k: int, flat: bool, whole_classes: bool = False) -> GemmTiles:
-    block_d = 32 if dtype == torch.float32 else 64
+LAYOUTS = ("flat", "class", "whole_classes")
+
+
+def _gemm(device: torch.device, dtype: torch.dtype, layout: str, c: int, k: int, *, block_n: int, width: int,
+          num_warps: int, num_stages: int) -> GemmTiles:
+    """Tiles for the tensor cores (16-bit inputs, or fp32 as TF32); fp32 without TF32
+    runs ``tl.dot`` as FMAs in registers, so its tiles are smaller."""
+    block_d = 64
+    if dtype == torch.float32:
+        block_d = 32
+        if dot_precision(dtype)["PRECISION"] == "ieee":
+            block_n, width, block_d = min(block_n, 64), min(width, 64), 16
+    min_width = 32  # narrower tiles re-read x from L2 more often than they save in padding
     if interpreted(device):
-        block_n, width, block_d = MIN_DOT, MIN_DOT, MIN_DOT
-    if flat:
+        block_n, width, block_d, min_width = MIN_DOT, MIN_DOT, MIN_DOT, MIN_DOT
+    if layout == "flat":
         return GemmTiles(block_n, block_d, 1, width, True, num_warps, num_stages)
-    slots, block_c = _class_layout(c, k, width, whole_classes)
+    slots, block_c = _class_layout(c, k, min_width, width, whole_classes=layout == "whole_classes")
     return GemmTiles(block_n, block_d, slots, block_c, False, num_warps, num_stages)
 
 
 def class_scores_forward_tiles(device: torch.device, dtype: torch.dtype, c: int, k: int) -> GemmTiles:
     """Class layout: per-class max/logsumexp over the slots of a tile, merged across slot blocks."""
-    return _gemm(device, dtype, block_n=128, width=64, num_warps=8, num_stages=3, c=c, k=k, flat=False)
+    return _gemm(device, dtype, "class", c, k, block_n=64, width=64, num_warps=8, num_stages=3)
 
 
 def flat_forward_tiles(device: torch.device, dtype: torch.dtype, c: int, k: int) -> GemmTiles:
     """Flat layout for the forward passes over all C·K prototypes (ppc_ppd, similarity)."""
-    return _gemm(device, dtype, block_n=128, width=64, num_warps=8, num_stages=3, c=c, k=k, flat=True)
+    return _gemm(device, dtype, "flat", c, k, block_n=128, width=64, num_warps=8, num_stages=3)
 
 
-def gradient_tiles(device: torch.device, dtype: torch.dtype, c: int, k: int, whole_classes: bool) -> GemmTiles:
-    """Tiles of the dx and dP passes; ``whole_classes`` when dS needs per-class softmaxes."""
-    return _gemm(device, dtype, block_n=64, width=128, num_warps=8, num_stages=2, c=c, k=k,
-                 flat=not whole_classes, whole_classes=whole_classes)
+def gradient_tiles(device: torch.device, dtype: torch.dtype, c: int, k: int, layout: str) -> GemmTiles:
+    """Tiles of the dx and dP passes (``layout``: one of LAYOUTS)."""
+    return _gemm(device, dtype, layout, c, k, block_n=64, width=128, num_warps=8, num_stages=3)
 
 
 def gradient_splits(device: torch.device, n: int, num_prototypes: int, d: int, pixel_blocks: int,

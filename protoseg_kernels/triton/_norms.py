@@ -26,7 +26,7 @@ def inverse_norms(rows: Tensor, normalize: bool = True) -> Tensor | None:
         return None
     r, d = rows.shape
     out = torch.empty(r, dtype=torch.float32, device=rows.device)
-    tiles = row_tiles(rows.device, block_r=64)
+    tiles = row_tiles(rows.device, block_r=64, block_d=32)
     launch(_inverse_norms_kernel, (triton.cdiv(r, tiles.block_r),), rows, *rows.stride(), out, r, d,
            **tiles.constexprs())
     return out

@@ -44,8 +44,9 @@ class GradientSource:
     a: the main upstream gradient, addressed as a[row, class, slot] through
     ``a_strides`` (a zero stride repeats it); b: a per-row upstream gradient;
     index: a per-row or per-(row, class) int64 index; lse: a per-row fp32 value.
-    ``variant`` is an op-defined constexpr. ``whole_classes``: the tiles must hold
-    whole classes (class layout), for per-class softmaxes.
+    ``variant`` is an op-defined constexpr. ``layout`` of the column tiles: "flat",
+    "class", or "whole_classes" (class layout holding all K slots, for per-class
+    softmaxes); see ``_tiles.column_tile``.
     """
 
     ds_fn: Any
@@ -59,7 +60,7 @@ class GradientSource:
     scale_a: float = 1.0
     scale_b: float = 1.0
     variant: int = 0
-    whole_classes: bool = False
+    layout: str = "flat"
 
     def args(self) -> tuple[Any, ...]:
         b_stride = 0 if self.b is None else self.b.stride(0)
@@ -209,7 +210,7 @@ class _Problem:
         self.n, self.d = x.shape
         self.c, self.k, _ = prototypes.shape
         self.flat_p = rows_view(prototypes)
-        self.tiles = gradient_tiles(x.device, x.dtype, self.c, self.k, source.whole_classes)
+        self.tiles = gradient_tiles(x.device, x.dtype, self.c, self.k, source.layout)
         self.inv_x, self.inv_p = inverse_norms(x, normalize), inverse_norms(self.flat_p, normalize)
         self.meta = {**source.constexprs(), "NORMALIZE": normalize, "SCALE_DS": x.dtype == torch.float16,
                      **self.tiles.constexprs(), **dot_precision(x.dtype)}
@@ -239,7 +240,7 @@ def _grad_prototypes(x: Tensor, prototypes: Tensor, source: GradientSource, norm
     launch(_grad_p_kernel, (column_tiles, splits), *problem.inputs, partials, *source.args(), *problem.shape,
            blocks_per_split, **problem.meta)
     dp = torch.empty(c * k, d, dtype=prototypes.dtype, device=x.device)
-    finish = row_tiles(x.device)
+    finish = row_tiles(x.device, block_r=64, block_d=32)
     launch(_grad_p_finish_kernel, (triton.cdiv(c * k, finish.block_r),), partials, splits, problem.flat_p,
            *problem.flat_p.stride(), problem.inv_p, dp, c * k, d, NORMALIZE=normalize, **finish.constexprs())
     return dp.view(c, k, d)

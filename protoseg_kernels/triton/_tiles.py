@@ -143,10 +143,30 @@ def logsumexp_rows(z, axis: tl.constexpr):
     return m, tl.sum(tl.exp(z - tl.expand_dims(m_safe, axis)), axis=axis)
 
 
+LN2 = tl.constexpr(0.6931471805599453)
+SQRT_HALF_BITS = tl.constexpr(0x3F3504F3)  # fp32 bits of sqrt(1/2)
+
+
+@triton.jit
+def natural_log(x):
+    """ln x for normal fp32 x > 0, without libdevice (``tl.log`` calls it on NVIDIA GPUs).
+
+    x = m·2^e with m in [sqrt(1/2), sqrt(2)) read off the bits; ln m = 2·atanh(t) with
+    t = (m − 1)/(m + 1), |t| < 0.172, summed to t¹¹ (the next term is below 1e-11).
+    """
+    bits = x.to(tl.int32, bitcast=True)
+    e = (bits - SQRT_HALF_BITS) >> 23
+    m = (bits - (e << 23)).to(tl.float32, bitcast=True)
+    t = (m - 1.0) / (m + 1.0)
+    t2 = t * t
+    series = 1.0 + t2 * (1.0 / 3 + t2 * (1.0 / 5 + t2 * (1.0 / 7 + t2 * (1.0 / 9 + t2 * (1.0 / 11)))))
+    return 2.0 * t * series + e.to(tl.float32) * LN2
+
+
 @triton.jit
 def logsumexp_value(m, total):
-    """log Σ exp from a (max, sum) pair; -inf when empty."""
-    return tl.where(total > 0, m + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
+    """log Σ exp from a (max, sum) pair; -inf when empty (total is then 0, else >= 1)."""
+    return tl.where(total > 0, m + natural_log(tl.where(total > 0, total, 1.0)), float("-inf"))
 
 
 @triton.jit

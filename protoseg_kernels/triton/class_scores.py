@@ -98,32 +98,41 @@ def _class_scores_forward_kernel(
 
 
 @triton.jit
+def _per_column(v, KS: tl.constexpr, BC: tl.constexpr):
+    """A [rows, BC] per-class tile repeated over the KS slots of a class-layout tile."""
+    return tl.reshape(tl.broadcast_to(v[:, None, :], [v.shape[0], KS, BC]), [v.shape[0], KS * BC])
+
+
+@triton.jit
 def _class_scores_grad(s, rows, row_ok, j, c, k, col_ok, a_ptr, stride_an, stride_ac, stride_ak, b_ptr, stride_b,
                        idx_ptr, stride_in, stride_ic, lse_ptr, inv_temperature, inv_lse_temperature,
                        HAS_A: tl.constexpr, HAS_B: tl.constexpr, VARIANT: tl.constexpr, KS: tl.constexpr,
                        BC: tl.constexpr):
     """dS = g_ic·[k = index_ic] (MAX) or g_ic·softmax_k(S_ic/τ) (SOFT, whole classes per
-    tile), plus g_lse_i·softmax_j(S_i/τ')/τ'."""
-    ok = row_ok[:, None] & col_ok[None, :]
+    tile), plus g_lse_i·softmax_j(S_i/τ')/τ'. Class-layout tiles: the per-class values
+    are loaded once per class ([rows, BC]) and repeated over the slots."""
     ds = tl.zeros(s.shape, dtype=tl.float32)
     if HAS_A:
-        g = tl.load(a_ptr + rows[:, None] * stride_an + c[None, :] * stride_ac, mask=ok, other=0.0).to(tl.float32)
+        classes = tl.min(c) + tl.arange(0, BC)  # c = first class + column % BC
+        class_ok = tl.max(tl.reshape(col_ok, [KS, BC]).to(tl.int32), axis=0) > 0
+        ok = row_ok[:, None] & class_ok[None, :]
+        g = tl.load(a_ptr + rows[:, None] * stride_an + classes[None, :] * stride_ac, mask=ok, other=0.0)
+        g = _per_column(g.to(tl.float32), KS, BC)
         if VARIANT == 1:  # SOFT
             z = tl.where(col_ok[None, :], s * inv_temperature, float("-inf"))
             z_3d = tl.reshape(z, [s.shape[0], KS, BC])
             class_max, class_sum = logsumexp_rows(z_3d, 1)
             class_lse = logsumexp_value(class_max, class_sum)
             class_lse = tl.where(class_lse == float("-inf"), 0.0, class_lse)  # classes beyond C
-            weights = tl.reshape(tl.exp(z_3d - class_lse[:, None, :]), s.shape)
-            ds += g * weights
+            ds += g * tl.reshape(tl.exp(z_3d - class_lse[:, None, :]), s.shape)
         else:
-            index = tl.load(idx_ptr + rows[:, None] * stride_in + c[None, :] * stride_ic, mask=ok, other=-1)
-            ds += tl.where(index == k[None, :], g, 0.0)
+            index = tl.load(idx_ptr + rows[:, None] * stride_in + classes[None, :] * stride_ic, mask=ok, other=-1)
+            ds += tl.where(_per_column(index, KS, BC) == k[None, :], g, 0.0)
     if HAS_B:
         g_lse = tl.load(b_ptr + rows * stride_b, mask=row_ok, other=0.0).to(tl.float32)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         ds += g_lse[:, None] * tl.exp(s * inv_lse_temperature - lse[:, None]) * inv_lse_temperature
-    return tl.where(ok, ds, 0.0)
+    return tl.where(row_ok[:, None] & col_ok[None, :], ds, 0.0)
 
 
 @triton.jit
@@ -203,7 +212,7 @@ def class_scores_backward(
         a=grad_scores, a_strides=(0, 0, 0) if grad_scores is None else (*grad_scores.stride(), 0),
         b=grad_lse, index=index, index_strides=tuple(index.stride()), lse=lse,
         scale_a=1.0 / temperature, scale_b=1.0 / (lse_temperature or 1.0),
-        variant=SOFT if soft else MAX, whole_classes=soft,
+        variant=SOFT if soft else MAX, layout="whole_classes" if soft else "class",
     )
     if source.needs_similarity or grad_scores is None:
         return similarity_gradients(x, prototypes, source, normalize, need_prototype_grad)
