@@ -1,4 +1,4 @@
-# protoseg-kernels: `make bench` (set up, build, benchmark) and `make test`.
+# protoseg-kernels: `make bench` (set up, build, benchmark), `make test` and `make demo`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +8,7 @@ REQUIRED_BACKENDS ?=
 STAMP := $(VENV)/.protoseg-installed
 BUILD_INPUTS := setup.py pyproject.toml requirements-dev.txt $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: install test lint env clean
+.PHONY: install test bench lint env demo clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,11 +24,22 @@ install: $(STAMP)
 test: install
 	PROTOSEG_REQUIRE_BACKENDS=$(REQUIRED_BACKENDS) $(PY) -m pytest -q
 
+# The benchmark suite (README "Benchmarks"): prints the table and writes JSON, CSV,
+# markdown and plots to benchmarks/results/<device>/. BENCH_ARGS="--suite full", ...
+BENCH_ARGS ?=
+bench: install
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
 lint: install
 	$(PY) -m ruff check .
 
 env: install
 	$(PY) -m protoseg_kernels.env
+
+# ProtoSeg vs a linear classifier on the embedded synthetic dataset, on the CPU.
+# Passive OpenMP waiting keeps torch's threads from spinning against other load.
+demo: install
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m protoseg.demo --out runs/demo
 
 clean:
 	rm -rf build *.egg-info protoseg_kernels/*.so protoseg_kernels/_build_info.json

@@ -1,0 +1,169 @@
+"""``python -m benchmarks``: run a suite, print the table, write JSON, CSV, markdown and plots.
+
+Examples::
+
+    python -m benchmarks                      # default suite on the GPU if any, else CPU
+    python -m benchmarks --suite full --device cuda --dtype bfloat16
+    python -m benchmarks --suite smoke --out /tmp/bench --no-compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import implementations, jobs, plots, report
+from .problems import CPU_SCALE_DOWN
+from .suite import SUITES, SWEEP_PRESET, build_suite
+from .worker import DTYPES, Job
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=SUITES, default="default")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: benchmarks/results/<device>)")
+    parser.add_argument("--tf32", action="store_true", help="CUDA: fp32 matmuls in TF32 (default: off, as torch)")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the baseline")
+    parser.add_argument("--no-plots", action="store_true")
+    return parser.parse_args(argv)
+
+
+def _device(choice: str) -> torch.device:
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch")
+    return torch.device(choice)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _git_revision() -> dict[str, Any]:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=jobs.REPO_ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+
+
+def _machine(device: torch.device) -> dict[str, Any]:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    machine = {"cpu": _cpu_model(), "cores": cores, "memory_bytes": _memory_bytes(),
+               "torch_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name(device)
+    return machine
+
+
+def _device_tag(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).lower()
+    return "cuda-" + "".join(ch if ch.isalnum() else "-" for ch in name).strip("-")
+
+
+def _progress(i: int, total: int, job: Job, rows: list[dict[str, Any]], seconds: float) -> None:
+    head = rows[0] if len(rows) == 1 else None
+    detail = ""
+    if head and head.get("status") == "ok":
+        detail = f"{head['median_ms']:.1f} ms"
+    elif any(r.get("status") != "ok" for r in rows):
+        detail = next(r["status"] for r in rows if r.get("status") != "ok")
+    print(f"[{i:>3}/{total}] {job.group:<5} {job.problem.label:<22} {job.impl:<18} "
+          f"{seconds:5.1f} s  {detail}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from protoseg_kernels.env import collect
+
+    args = _parse(argv)
+    device = _device(args.device)
+    suite = build_suite(args.suite, device.type, compile_baseline=not args.no_compile)
+    status = implementations.backend_status(device)
+    backends = [name for name, reason in status.items() if reason is None]
+    out_dir = args.out or RESULTS_DIR / _device_tag(device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    print(f"protoseg-kernels benchmarks: suite {suite.name!r} on {device.type}, {args.dtype}")
+    for name, reason in status.items():
+        print(f"  backend {name:<10} {'benchmarked' if reason is None else 'skipped: ' + reason}")
+    started = time.perf_counter()
+    planned = jobs.plan_jobs(suite, backends, device.type, args.dtype, tf32=args.tf32)
+    rows = report.derive(jobs.run_jobs(planned, suite.isolate, _progress))
+    wall_s = time.perf_counter() - started
+
+    preset_keys = [(p.name, p.n, p.d, p.c, p.k) for p in suite.presets]
+    targets = report.check_targets(rows, preset_keys)
+    head_text = report.render_text(report.HEAD_COLUMNS, report.head_table(rows))
+    op_text = report.render_text(report.OP_COLUMNS, report.op_table(rows))
+    scale = "" if device.type == "cuda" else f", N = per-GPU N / {CPU_SCALE_DOWN}"
+    print(f"\nHead step: forward + Sinkhorn + update + backward ({device.type}, {args.dtype}{scale})")
+    print(head_text)
+    print("\nPer op")
+    print(op_text)
+    print("\nSPEC §7 targets (best protoseg backend, head step)")
+    print(report.render_targets(targets))
+
+    document = {
+        "meta": {
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "git": _git_revision(),
+            "machine": _machine(device),
+            "versions": collect(),
+            "suite": suite.name,
+            "device": device.type,
+            "dtype": args.dtype,
+            "tf32": args.tf32 if device.type == "cuda" else None,
+            "cpu_scale_down": None if device.type == "cuda" else CPU_SCALE_DOWN,
+            "wall_seconds": round(wall_s, 1),
+            "backends": status,
+        },
+        "rows": rows,
+        "targets": targets,
+    }
+    report.write_json(document, out_dir / "results.json")
+    report.write_csv(rows, out_dir / "results.csv")
+    markdown = report.render_markdown(report.HEAD_COLUMNS, report.head_table(rows))
+    (out_dir / "head_step.md").write_text(markdown + "\n")
+    written = ["results.json", "results.csv", "head_step.md"]
+    if not args.no_plots:
+        subtitle = f"{device.type}, {args.dtype}"
+        preset = SWEEP_PRESET if suite.name != "smoke" else suite.sweep[0].name
+        if plots.plot_time(rows, preset, out_dir / "time_vs_n.png", subtitle):
+            written.append("time_vs_n.png")
+        if plots.plot_memory(rows, preset, out_dir / "memory_vs_n.png", subtitle):
+            written.append("memory_vs_n.png")
+    print(f"\nWrote {', '.join(written)} to {out_dir} (suite took {wall_s:.0f} s)")
+    return document

@@ -1,0 +1,96 @@
+"""Turn a suite into worker jobs and run them in fresh processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .implementations import BASELINE, COMPILED, FLOOR
+from .problems import Problem
+from .suite import Suite
+from .worker import FLOOR as FLOOR_GROUP
+from .worker import HEAD, OPS, Job, jobs_to_json
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+JOB_TIMEOUT_S = 900
+Row = dict[str, Any]
+Progress = Callable[[int, int, Job, list[Row], float], None]
+
+
+def _head_impls(backends: list[str], compiled: bool) -> list[str]:
+    return [BASELINE] + ([COMPILED] if compiled else []) + backends
+
+
+def plan_jobs(suite: Suite, backends: list[str], device: str, dtype: str, tf32: bool = False) -> list[Job]:
+    """Every (group, problem, implementation) of the suite once, the GEMM floors first."""
+    wanted: list[tuple[str, Problem, str]] = []
+    for p in suite.presets:
+        wanted += [(HEAD, p, impl) for impl in _head_impls(backends, suite.compile_presets)]
+    for p in suite.sweep:
+        wanted += [(HEAD, p, impl) for impl in _head_impls(backends, suite.compile_sweep)]
+    for p in suite.ops:
+        wanted += [(OPS, p, impl) for impl in [BASELINE] + backends]
+    problems = list(dict.fromkeys(p for _, p, _ in wanted))
+    wanted = [(FLOOR_GROUP, p, FLOOR) for p in problems] + wanted
+    return [
+        Job(group, p, impl, device, dtype, suite.plan, threads=suite.threads, tf32=tf32)
+        for group, p, impl in dict.fromkeys(wanted)
+    ]
+
+
+def _failure_rows(jobs: list[Job], status: str) -> list[Row]:
+    rows = []
+    for job in jobs:
+        p = job.problem
+        rows.append({
+            "group": job.group, "preset": p.name, "n": p.n, "d": p.d, "c": p.c, "k": p.k,
+            "op": "-", "mode": "-", "impl": job.impl, "device": job.device, "dtype": job.dtype,
+            "status": status,
+        })
+    return rows
+
+
+def run_in_subprocess(jobs: list[Job], timeout_s: float = JOB_TIMEOUT_S) -> list[Row]:
+    """Run ``jobs`` in one fresh Python process; failures become error rows."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rows.json"
+        cmd = [sys.executable, "-m", "benchmarks.worker", jobs_to_json(jobs), str(out)]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        try:
+            done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                                  timeout=timeout_s * len(jobs))
+        except subprocess.TimeoutExpired:
+            return _failure_rows(jobs, f"error: timed out after {timeout_s * len(jobs):.0f} s")
+        if done.returncode != 0 or not out.exists():
+            lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
+            return _failure_rows(jobs, f"error: worker exited with {done.returncode}: {lines[-1]}")
+        return json.loads(out.read_text())
+
+
+def _rows_of(job: Job, rows: list[Row]) -> list[Row]:
+    p = job.problem
+    return [r for r in rows if r["group"] == job.group and r["impl"] == job.impl
+            and (r["preset"], r["n"], r["d"], r["c"], r["k"]) == (p.name, p.n, p.d, p.c, p.k)]
+
+
+def run_jobs(jobs: list[Job], isolate: bool, on_done: Progress) -> list[Row]:
+    """Each job in its own process (``isolate``), or all in one process."""
+    batches = [[job] for job in jobs] if isolate else [jobs]
+    rows: list[Row] = []
+    done = 0
+    for batch in batches:
+        start = time.perf_counter()
+        batch_rows = run_in_subprocess(batch)
+        seconds = (time.perf_counter() - start) / len(batch)
+        rows += batch_rows
+        for job in batch:
+            done += 1
+            on_done(done, len(jobs), job, _rows_of(job, batch_rows), seconds)
+    return rows

@@ -1,0 +1,207 @@
+"""Derived columns, the terminal/markdown tables, the SPEC §7 target check, and files.
+
+Columns (README "Benchmarks" explains them for users):
+median / p20 / p80 ms, GFLOP/s (useful FLOPs / median), × floor (median / GEMM
+floor), speed-up (baseline median / median), peak extra memory (allocator; RSS
+growth on CPU), memory vs baseline (peak / baseline peak), host syncs per step.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .flops import HEAD_FLOOR, floor_gemms
+from .implementations import BASELINE, COMPILED, FLOOR, display_name, is_backend
+
+MiB = 2**20
+Row = dict[str, Any]
+
+# SPEC §7 targets on the whole head step.
+SPEED_PRESETS = ("ade20k", "cityscapes")
+MEMORY_PRESETS = ("ade20k", "coco_stuff")
+MIN_SPEEDUP_VS_BASELINE = 2.0
+MIN_SPEEDUP_VS_COMPILED = 1.3
+MAX_TIMES_FLOOR = 1.25
+MAX_MEMORY_VS_BASELINE = 0.25
+
+
+def _ok(row: Row) -> bool:
+    return row.get("status") == "ok"
+
+
+def _problem_key(row: Row) -> tuple:
+    return (row["preset"], row["n"], row["d"], row["c"], row["k"])
+
+
+def _floor_ms(row: Row, gemm_ms: dict[tuple, dict[str, float]]) -> float | None:
+    measured = gemm_ms.get(_problem_key(row), {})
+    if row["op"] == "head_step":
+        return measured.get(HEAD_FLOOR)
+    counts = floor_gemms(row["op"], row["mode"])
+    if not counts or any(name not in measured for name in counts):
+        return None
+    return sum(measured[name] * count for name, count in counts.items())
+
+
+def derive(rows: list[Row]) -> list[Row]:
+    """Add gflops, floor_ms, times_floor, speedup, memory_vs_baseline (None where unknown)."""
+    gemm_ms: dict[tuple, dict[str, float]] = {}
+    baselines: dict[tuple, Row] = {}
+    for row in filter(_ok, rows):
+        if row["impl"] == FLOOR:
+            gemm_ms.setdefault(_problem_key(row), {})[row["mode"]] = row["median_ms"]
+        elif row["impl"] == BASELINE:
+            baselines[(*_problem_key(row), row["op"], row["mode"])] = row
+    out = []
+    for row in rows:
+        row = dict(row)
+        if _ok(row) and row["impl"] != FLOOR:
+            base = baselines.get((*_problem_key(row), row["op"], row["mode"]))
+            floor = _floor_ms(row, gemm_ms)
+            ms = row["median_ms"]
+            row["gflops"] = row["flops"] / ms / 1e6 if row.get("flops") else None
+            row["floor_ms"] = floor
+            row["times_floor"] = ms / floor if floor else None
+            row["speedup"] = base["median_ms"] / ms if base else None
+            peak, base_peak = row.get("peak_bytes"), base and base.get("peak_bytes")
+            row["memory_vs_baseline"] = peak / base_peak if base_peak and peak is not None else None
+        out.append(row)
+    return out
+
+
+# ---- tables ------------------------------------------------------------------
+def _fmt(value: Any, spec: str, unit_div: float = 1.0) -> str:
+    if value is None:
+        return "-"
+    return format(value / unit_div if unit_div != 1.0 else value, spec)
+
+
+def _cells(row: Row) -> list[str]:
+    if not _ok(row):
+        return [row["status"]]
+    spread = f"{row['p20_ms']:.1f}-{row['p80_ms']:.1f}"
+    return [
+        _fmt(row["median_ms"], ".1f"), spread, _fmt(row.get("gflops"), ".1f"),
+        _fmt(row.get("times_floor"), ".2f"), _fmt(row.get("speedup"), ".2f"),
+        _fmt(row.get("peak_bytes"), ".1f", MiB), _fmt(row.get("rss_bytes"), ".1f", MiB),
+        _fmt(row.get("memory_vs_baseline"), ".2f"), _fmt(row.get("host_syncs"), "d"),
+    ]
+
+
+HEAD_COLUMNS = ["problem", "implementation", "median ms", "p20-p80 ms", "GFLOP/s", "x floor",
+                "speed-up", "peak MiB", "RSS MiB", "mem/base", "syncs"]
+OP_COLUMNS = ["problem", "op", "mode"] + HEAD_COLUMNS[1:]
+
+
+def _problem_label(row: Row) -> str:
+    return f"{row['preset']} N={row['n']}"
+
+
+def _floor_row(rows: list[Row], row: Row) -> Row | None:
+    return next((r for r in rows if r["impl"] == FLOOR and r["mode"] == HEAD_FLOOR and _ok(r)
+                 and _problem_key(r) == _problem_key(row)), None)
+
+
+def head_table(rows: list[Row]) -> list[list[str]]:
+    """Head-step rows, one block per problem, the GEMM floor last in each block."""
+    head = [r for r in rows if r["group"] == "head"]
+    table = []
+    for key in dict.fromkeys(_problem_key(r) for r in head):
+        block = [r for r in head if _problem_key(r) == key]
+        for row in block:
+            table.append([_problem_label(row), display_name(row["impl"])] + _cells(row))
+        floor = _floor_row(rows, block[0])
+        if floor:
+            spread = f"{floor['p20_ms']:.1f}-{floor['p80_ms']:.1f}"
+            table.append([_problem_label(floor), "GEMM floor (3 GEMMs)", f"{floor['median_ms']:.1f}", spread]
+                         + ["-"] * (len(HEAD_COLUMNS) - 4))
+    return table
+
+
+def op_table(rows: list[Row]) -> list[list[str]]:
+    ops = [r for r in rows if r["group"] == "ops"]
+    op_order = {op: i for i, op in enumerate(dict.fromkeys(r["op"] for r in ops))}
+    mode_order = {mode: i for i, mode in enumerate(dict.fromkeys(r["mode"] for r in ops))}
+    # A stable sort: the implementations keep their order within a row group.
+    ops.sort(key=lambda r: (_problem_key(r), op_order[r["op"]], mode_order[r["mode"]]))
+    return [[_problem_label(r), r["op"], r["mode"], display_name(r["impl"])] + _cells(r) for r in ops]
+
+
+def render_text(header: list[str], table: list[list[str]]) -> str:
+    widths = [max([len(h)] + [len(r[i]) for r in table if i < len(r)]) for i, h in enumerate(header)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if i >= 2 else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), rule] + [line(r) for r in table])
+
+
+def render_markdown(header: list[str], table: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r + [""] * (len(header) - len(r))) + " |" for r in table]
+    return "\n".join(lines)
+
+
+# ---- targets -------------------------------------------------------------------
+def _check(name: str, value: float | None, limit: float, at_least: bool, detail: str) -> dict[str, Any]:
+    met = None if value is None else (value >= limit if at_least else value <= limit)
+    return {"target": name, "value": value, "limit": limit, "met": met, "detail": detail}
+
+
+def check_targets(rows: list[Row], preset_keys: Iterable[tuple]) -> list[dict[str, Any]]:
+    """SPEC §7 targets on the head step at the suite's preset sizes (best backend)."""
+    results = []
+    for key in preset_keys:
+        block = [r for r in rows if r["group"] == "head" and _problem_key(r) == key and _ok(r)]
+        ours = [r for r in block if is_backend(r["impl"])]
+        if not ours:
+            continue
+        best = min(ours, key=lambda r: r["median_ms"])
+        preset, label = key[0], f"{key[0]} N={key[1]} [{best['impl']}]"
+        by_impl = {r["impl"]: r for r in block}
+        if preset in SPEED_PRESETS:
+            results.append(_check("speed-up vs baseline", best.get("speedup"), MIN_SPEEDUP_VS_BASELINE, True, label))
+            compiled = by_impl.get(COMPILED)
+            vs_compiled = compiled["median_ms"] / best["median_ms"] if compiled else None
+            results.append(_check("speed-up vs torch.compile", vs_compiled, MIN_SPEEDUP_VS_COMPILED, True, label))
+            results.append(_check("time / GEMM floor", best.get("times_floor"), MAX_TIMES_FLOOR, False, label))
+        if preset in MEMORY_PRESETS:
+            results.append(_check("peak memory / baseline", best.get("memory_vs_baseline"),
+                                  MAX_MEMORY_VS_BASELINE, False, label))
+        for row in ours:
+            results.append(_check("host syncs per step", row.get("host_syncs"), 0, False,
+                                  f"{key[0]} N={key[1]} [{row['impl']}]"))
+    return results
+
+
+def render_targets(results: list[dict[str, Any]]) -> str:
+    lines = []
+    for r in results:
+        verdict = {True: "met", False: "MISSED", None: "not measured"}[r["met"]]
+        value = "-" if r["value"] is None else f"{r['value']:.3g}"
+        bound = ">=" if r["target"].startswith("speed-up") else "<="
+        lines.append(f"  {verdict:<12} {r['target']:<26} {value:>8} (target {bound} {r['limit']:g})  {r['detail']}")
+    return "\n".join(lines)
+
+
+# ---- files ---------------------------------------------------------------------
+CSV_FIELDS = ["group", "preset", "n", "d", "c", "k", "op", "mode", "impl", "device", "dtype", "status",
+              "median_ms", "p20_ms", "p80_ms", "runs", "flops", "gflops", "floor_ms", "times_floor",
+              "speedup", "peak_bytes", "rss_bytes", "allocated_bytes", "memory_vs_baseline",
+              "host_syncs", "cuda_sync_calls"]
+
+
+def write_csv(rows: list[Row], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_json(document: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(document, indent=1) + "\n")

@@ -1,0 +1,69 @@
+"""The benchmark suites: which problems and implementations each one measures.
+
+* ``default`` (``make bench``): the three presets of SPEC §7 for the whole head
+  step with every implementation (``torch.compile`` included), a sweep over N at
+  the ADE20K preset, and the per-op rows at ADE20K. On a CPU, N is the per-GPU
+  pixel count divided by 8, so that the suite fits in a few minutes on 2 cores.
+* ``full``: also the per-op rows at every preset, ``torch.compile`` in the
+  sweep, a longer sweep and more timed runs.
+* ``smoke``: tiny sizes, two timed runs, one thread and one worker process, for
+  the test suite (no RSS column: that needs a process per implementation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .measure import TimingPlan
+from .problems import CPU_SCALE_DOWN, PRESETS, Problem
+
+SUITES = ("default", "full", "smoke")
+SWEEP_PRESET = "ade20k"
+TINY = Problem("tiny", n=256, d=32, c=6, k=3)
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    presets: tuple[Problem, ...]  # head step, every implementation
+    sweep: tuple[Problem, ...]  # head step versus N
+    ops: tuple[Problem, ...]  # per-op rows
+    plan: TimingPlan
+    compile_presets: bool
+    compile_sweep: bool
+    isolate: bool = True  # each implementation in its own process
+    threads: int | None = None  # torch threads in the workers (None: torch's default)
+
+
+def _preset_problems(scale_down: int) -> tuple[Problem, ...]:
+    return tuple(p.problem(p.n_gpu // scale_down) for p in PRESETS.values())
+
+
+def _sweep(scale_down: int, factors: tuple[int, ...]) -> tuple[Problem, ...]:
+    preset = PRESETS[SWEEP_PRESET]
+    base = preset.n_gpu // scale_down
+    return tuple(preset.problem(base * f // 4) for f in factors)
+
+
+def build_suite(name: str, device_type: str, compile_baseline: bool = True) -> Suite:
+    """The suite ``name`` for ``device_type`` ("cpu" or "cuda")."""
+    if name not in SUITES:
+        raise ValueError(f"suite must be one of {SUITES}, got {name!r}")
+    if name == "smoke":
+        plan = TimingPlan(warmup=1, min_runs=2, max_runs=2, target_seconds=0.0)
+        return Suite(name, (TINY,), (TINY.with_n(128), TINY), (TINY,), plan, compile_baseline, False,
+                     isolate=False, threads=1)
+    gpu = device_type == "cuda"
+    scale_down = 1 if gpu else CPU_SCALE_DOWN
+    presets = _preset_problems(scale_down)
+    ade20k = next(p for p in presets if p.name == SWEEP_PRESET)
+    if name == "default":
+        plan = TimingPlan(warmup=5, min_runs=20, max_runs=200, target_seconds=1.0) if gpu else \
+            TimingPlan(warmup=2, min_runs=5, max_runs=15, target_seconds=2.0)
+        sweep = _sweep(scale_down, (1, 2, 4, 8))
+        ops = presets if gpu else (ade20k,)
+        return Suite(name, presets, sweep, ops, plan, compile_baseline, False)
+    plan = TimingPlan(warmup=10, min_runs=50, max_runs=500, target_seconds=3.0) if gpu else \
+        TimingPlan(warmup=3, min_runs=10, max_runs=30, target_seconds=5.0)
+    sweep = _sweep(scale_down, (1, 2, 4, 8, 16))
+    return Suite(name, presets, sweep, presets, plan, compile_baseline, compile_baseline)

@@ -1,0 +1,103 @@
+"""Evaluation: confusion matrix, per-class IoU, mIoU, and the result table."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .loss import upsample_logits
+
+
+class ConfusionMatrix:
+    """counts[t, p] = number of labelled pixels of class t predicted as p."""
+
+    def __init__(self, num_classes: int, ignore_index: int, device: torch.device | str = "cpu") -> None:
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.counts = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+
+    def update(self, prediction: Tensor, labels: Tensor) -> None:
+        labelled = labels != self.ignore_index
+        pairs = labels[labelled].long() * self.num_classes + prediction[labelled].long()
+        self.counts += torch.bincount(pairs, minlength=self.num_classes**2).view(self.num_classes, -1)
+
+    def all_reduce(self, group: Any | None = None) -> None:
+        """Sum the counts of every rank (each evaluated its own share of the images)."""
+        dist.all_reduce(self.counts, group=group)
+
+    def iou(self) -> Tensor:
+        """IoU per class (float64); NaN for a class neither present nor predicted."""
+        counts = self.counts.double()
+        hits = counts.diagonal()
+        union = counts.sum(0) + counts.sum(1) - hits
+        return torch.where(union > 0, hits / union.clamp_min(1), torch.nan)
+
+    def mean_iou(self) -> float:
+        """Mean over the classes with a defined IoU (NaN if none)."""
+        iou = self.iou()
+        defined = ~iou.isnan()
+        return float(iou[defined].mean()) if bool(defined.any()) else math.nan
+
+    def pixel_accuracy(self) -> float:
+        total = int(self.counts.sum())
+        return float(self.counts.diagonal().sum()) / total if total else math.nan
+
+    def summary(self, class_names: Sequence[str]) -> dict:
+        """JSON-ready {"miou", "pixel_accuracy", "iou": {class: value or None}}."""
+        return {
+            "miou": self.mean_iou(),
+            "pixel_accuracy": self.pixel_accuracy(),
+            "iou": {name: (None if math.isnan(v) else v) for name, v in zip(class_names, self.iou().tolist())},
+        }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], num_classes: int, ignore_index: int,
+    device: torch.device, amp_dtype: torch.dtype | None = None,
+) -> ConfusionMatrix:
+    """Predict each batch (logits upsampled to the label size, bilinear with
+    align_corners=True) and accumulate the confusion matrix. ``amp_dtype``: run
+    the model under autocast to that dtype. Restores the model's training mode."""
+    was_training = model.training
+    model.eval()
+    matrix = ConfusionMatrix(num_classes, ignore_index, device)
+    try:
+        for images, labels in batches:
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                seg = model(images).seg
+            prediction = upsample_logits(seg.float(), labels.shape[-2:]).argmax(dim=1)
+            matrix.update(prediction, labels)
+    finally:
+        model.train(was_training)
+    return matrix
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}"
+
+
+def format_iou_table(class_names: Sequence[str], columns: Mapping[str, Mapping[str, Any]]) -> str:
+    """Per-class IoU (%) of one or more runs side by side, then mIoU and pixel accuracy.
+
+    ``columns`` maps a column title to a :meth:`ConfusionMatrix.summary` dict.
+    """
+    titles = list(columns)
+    name_width = max([len("pixel acc."), *map(len, class_names)])
+    widths = [max(8, len(title)) for title in titles]
+
+    def row(label: str, cells: Sequence[str]) -> str:
+        return "  ".join([label.ljust(name_width), *(cell.rjust(w) for cell, w in zip(cells, widths))])
+
+    lines = [row("class", titles), "-" * len(row("", [""] * len(titles)))]
+    for name in class_names:
+        lines.append(row(name, [_percent(columns[t]["iou"].get(name)) for t in titles]))
+    lines.append(lines[1])
+    lines.append(row("mIoU", [_percent(columns[t]["miou"]) for t in titles]))
+    lines.append(row("pixel acc.", [_percent(columns[t]["pixel_accuracy"]) for t in titles]))
+    return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""``PixelPrototypeCELoss``: segmentation cross-entropy + weighted PPC + PPD (SPEC §8.7)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .head import HeadOutput
+
+
+class LossTerms(NamedTuple):
+    """``loss`` = ``ce`` + ppc_weight·``ppc`` + ppd_weight·``ppd`` (unweighted terms;
+    ``ppc``/``ppd`` are zero when the head learned no prototypes in that step)."""
+
+    loss: Tensor
+    ce: Tensor
+    ppc: Tensor
+    ppd: Tensor
+
+
+def upsample_logits(seg: Tensor, size: Sequence[int]) -> Tensor:
+    """Bilinear upsampling with ``align_corners=True``, as the original code does."""
+    if tuple(seg.shape[-2:]) == tuple(size):
+        return seg
+    return F.interpolate(seg, size=tuple(size), mode="bilinear", align_corners=True)
+
+
+class PixelPrototypeCELoss(nn.Module):
+    """CE on the logits upsampled to the label size, plus PPC and PPD from the head.
+
+    Args:
+        ppc_weight, ppd_weight: weights of the PPC and PPD terms (0.01 and 0.001 in
+            the original code).
+        ignore_index: label of unlabelled pixels.
+        class_weights: optional per-class CE weights (the mean is then weighted, as
+            ``F.cross_entropy`` does).
+
+    The CE is 0 with zero gradient on a batch without labelled pixels
+    (``F.cross_entropy`` gives NaN there).
+    """
+
+    def __init__(
+        self,
+        ppc_weight: float = 0.01,
+        ppd_weight: float = 0.001,
+        ignore_index: int = 255,
+        class_weights: Sequence[float] | Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("ppc_weight", ppc_weight), ("ppd_weight", ppd_weight)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        self.ppc_weight = float(ppc_weight)
+        self.ppd_weight = float(ppd_weight)
+        self.ignore_index = int(ignore_index)
+        weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
+        if weights is not None and (weights.dim() != 1 or not bool((weights >= 0).all())):
+            raise ValueError(f"class_weights must be a 1-D sequence of non-negative numbers, got {class_weights!r}")
+        self.register_buffer("class_weights", weights, persistent=False)
+
+    def forward(self, output: HeadOutput | Tensor, labels: Tensor) -> LossTerms:
+        """``output``: a head's :class:`HeadOutput` or plain logits [b, C, h, w];
+        ``labels``: [b, H, W]."""
+        seg = output if isinstance(output, Tensor) else output.seg
+        ce = self.cross_entropy(seg, labels)
+        zero = ce.new_zeros(())
+        ppc = zero if isinstance(output, Tensor) or output.ppc is None else output.ppc
+        ppd = zero if isinstance(output, Tensor) or output.ppd is None else output.ppd
+        loss = ce + self.ppc_weight * ppc + self.ppd_weight * ppd
+        return LossTerms(loss, ce, ppc, ppd)
+
+    def cross_entropy(self, seg: Tensor, labels: Tensor) -> Tensor:
+        num_classes = seg.shape[1]
+        if self.class_weights is not None and self.class_weights.numel() != num_classes:
+            raise ValueError(f"class_weights has {self.class_weights.numel()} entries for {num_classes} classes")
+        logits = upsample_logits(seg, labels.shape[-2:])
+        if logits.dtype not in (torch.float32, torch.float64):
+            logits = logits.float()  # the loss in fp32 under mixed precision
+        labels = labels.long()
+        weights = None if self.class_weights is None else self.class_weights.to(logits.dtype)
+        total = F.cross_entropy(logits, labels, weight=weights, ignore_index=self.ignore_index, reduction="sum")
+        labelled = labels != self.ignore_index
+        if weights is None:
+            denominator = labelled.sum().to(total.dtype)
+        else:
+            denominator = weights[labels.clamp(0, num_classes - 1)][labelled].sum()
+        # The sum is exactly 0 when nothing is labelled, so the clamp only avoids 0/0.
+        return total / denominator.clamp_min(torch.finfo(total.dtype).tiny)

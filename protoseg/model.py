@@ -1,0 +1,56 @@
+"""``SegmentationModel``: a backbone and a head, built from a model config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .backbones import SmallCNN, torchvision_resnet
+from .head import HeadOutput, ProtoSegHead
+from .linear_head import LinearHead
+
+
+class SegmentationModel(nn.Module):
+    """images [b, 3, H, W] → backbone feature map → head → :class:`HeadOutput`.
+
+    The backbone is any module returning a feature map and exposing
+    ``out_channels`` (see :class:`~protoseg.backbones.FeatureMapBackbone`).
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(
+        self, images: Tensor, labels: Tensor | None = None, *, generator: torch.Generator | None = None
+    ) -> HeadOutput:
+        return self.head(self.backbone(images), labels, generator=generator)
+
+
+def build_backbone(config) -> nn.Module:
+    if config.backbone == "small_cnn":
+        return SmallCNN(width=config.width)
+    depth = int(config.backbone.removeprefix("resnet"))
+    return torchvision_resnet(depth, output_stride=config.output_stride, pretrained=config.pretrained)
+
+
+def build_head(config, in_channels: int, num_classes: int, ignore_index: int,
+               process_group: Any | None = None) -> nn.Module:
+    if config.head == "linear":
+        return LinearHead(in_channels, num_classes)
+    return ProtoSegHead(
+        in_channels, num_classes, config.num_prototypes, config.embed_dim, projection=config.projection,
+        momentum=config.momentum, temperature=config.temperature, sinkhorn_epsilon=config.sinkhorn_epsilon,
+        sinkhorn_iterations=config.sinkhorn_iterations, assignment=config.assignment, compat=config.compat,
+        warmup_iters=config.warmup_iters, ignore_index=ignore_index, process_group=process_group,
+    )
+
+
+def build_model(config, num_classes: int, ignore_index: int, process_group: Any | None = None) -> SegmentationModel:
+    """The model of a :class:`~protoseg.config.ModelConfig`. ``process_group``: the
+    data-parallel ranks that share the prototypes."""
+    backbone = build_backbone(config)
+    head = build_head(config, backbone.out_channels, num_classes, ignore_index, process_group)
+    return SegmentationModel(backbone, head)

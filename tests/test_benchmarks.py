@@ -1,0 +1,213 @@
+"""Smoke tests of the benchmark suite (``benchmarks/``) on tiny sizes.
+
+* The naive baseline and the fused head step compute the same step (targets,
+  losses, updated prototypes, gradients) when the baseline uses the Sinkhorn
+  argmax for its update, so the benchmark compares like with like.
+* The measurement primitives count what they claim (host syncs, peak memory).
+* The smoke suite runs end to end and writes well-formed JSON, CSV, markdown
+  and plots.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import protoseg_kernels as pk
+from benchmarks import cli, flops, measure, report
+from benchmarks.baseline import baseline_step
+from benchmarks.head_step import MAX_BLOCKS, _TargetCosine, fused_step
+from benchmarks.implementations import BASELINE, FLOOR, usable_backends
+from benchmarks.problems import Problem, make_head_inputs
+from benchmarks.step import HeadConfig, train_step
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CPU_BACKENDS = usable_backends(torch.device("cpu"))
+PROBLEM = Problem("test", n=701, d=40, c=7, k=4)  # ragged on purpose
+
+
+def _run(step, seed: int = 3):
+    inputs = make_head_inputs(PROBLEM, seed=seed)
+    out = train_step(step, inputs, HeadConfig())
+    grads = (inputs.x.grad, inputs.mask_norm_weight.grad, inputs.mask_norm_bias.grad)
+    return out, grads, inputs
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fused_step_matches_baseline_with_argmax_assignment(backend):
+    naive, naive_grads, inputs = _run(lambda i, c: baseline_step(i, c, assignment="argmax"))
+    with pk.use_backend(backend):
+        fused, fused_grads, _ = _run(fused_step)
+    assert (inputs.labels >= 0).sum() > 0 and torch.equal(fused.target, naive.target)
+    assert torch.equal(fused.target < 0, inputs.labels < 0)
+    for name in ("loss", "seg_loss", "ppc", "ppd"):
+        torch.testing.assert_close(getattr(fused, name), getattr(naive, name), rtol=1e-5, atol=1e-6,
+                                   msg=name)
+    torch.testing.assert_close(fused.prototypes, naive.prototypes, rtol=0, atol=2e-6)
+    assert not torch.equal(naive.prototypes, inputs.prototypes)  # the update moved something
+    for got, want in zip(fused_grads, naive_grads):
+        assert _rel_err(got, want) < 1e-5
+
+
+def test_gumbel_baseline_keeps_argmax_targets_and_unit_prototypes():
+    torch.manual_seed(0)
+    gumbel, _, _ = _run(baseline_step)
+    argmax, _, _ = _run(lambda i, c: baseline_step(i, c, assignment="argmax"))
+    assert torch.equal(gumbel.target, argmax.target)  # the loss targets are argmax q in both
+    assert torch.isfinite(gumbel.loss)
+    torch.testing.assert_close(gumbel.prototypes.norm(dim=-1), torch.ones(PROBLEM.c, PROBLEM.k))
+
+
+@pytest.mark.parametrize("n", [1, MAX_BLOCKS + 3, 61])
+def test_target_cosine_matches_autograd_of_normalize(n):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, 9, generator=g, dtype=torch.float64)
+    x[0] *= 1e-14  # below the clamp of F.normalize: the other branch of the gradient
+    flat = torch.nn.functional.normalize(torch.randn(5, 9, generator=g, dtype=torch.float64), dim=1)
+    target = torch.randint(0, 5, (n,), generator=g)
+    upstream = torch.randn(n, generator=g, dtype=torch.float64)
+    x_ours, x_torch = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours = _TargetCosine.apply(x_ours, flat, target)
+    expected = (torch.nn.functional.normalize(x_torch, dim=1) * flat[target]).sum(1)
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
+    ours.backward(upstream)
+    expected.backward(upstream)
+    torch.testing.assert_close(x_ours.grad, x_torch.grad, rtol=1e-10, atol=1e-10)
+
+
+# ---- measurement primitives --------------------------------------------------
+def test_host_sync_counter_counts_outermost_syncing_ops():
+    x = torch.randn(64, 3)
+    mask = x[:, 0] > 0
+
+    def syncing(_):
+        x[mask]  # nonzero
+        (x.sum() > 0).item()  # _local_scalar_dense
+        torch.unique(mask.long())  # _unique2
+        torch.masked_select(x, mask[:, None])  # counts once, not again for its inner item()
+
+    def quiet(_):
+        torch.where(mask[:, None], x, 0).sum(0).softmax(0)
+
+    assert measure.profile_case(measure.Case(lambda: None, syncing), torch.device("cpu")).host_syncs == 4
+    assert measure.profile_case(measure.Case(lambda: None, quiet), torch.device("cpu")).host_syncs == 0
+
+
+def test_allocator_peak_follows_live_tensors():
+    mib = 2**20
+
+    def run(_):
+        a = torch.ones(mib // 4)  # 1 MiB
+        del a
+        b = torch.ones(mib // 2)  # 2 MiB, after the first is freed
+        return b.sum()
+
+    result = measure.profile_case(measure.Case(lambda: None, run), torch.device("cpu"))
+    assert 2 * mib <= result.peak_bytes < 2 * mib + 4096
+    assert result.allocated_bytes >= 3 * mib
+
+
+def test_rss_peak_sees_memory_outside_the_torch_allocator():
+    # In a child process: the measurement switches malloc settings for the process.
+    code = (
+        "import ctypes, ctypes.util\n"
+        "from benchmarks import measure\n"
+        "libc = ctypes.CDLL(ctypes.util.find_library('c'))\n"
+        "libc.malloc.restype = ctypes.c_void_p\n"
+        "def run(_):\n"
+        "    p = libc.malloc(64 << 20)\n"
+        "    ctypes.memset(p, 1, 64 << 20)\n"
+        "    libc.free(ctypes.c_void_p(p))\n"
+        "print(measure.rss_peak_bytes(measure.Case(lambda: None, run)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True,
+                          check=True)
+    peak = int(done.stdout.strip().splitlines()[-1])
+    assert 63 << 20 <= peak < 72 << 20
+
+
+def test_percentiles_interpolate_like_numpy():
+    timing = measure.summarize([0.004, 0.001, 0.003, 0.002, 0.005])
+    assert (timing.median_ms, timing.p20_ms, timing.p80_ms, timing.runs) == pytest.approx((3.0, 1.8, 4.2, 5))
+
+
+def test_derived_columns_and_targets():
+    def row(impl, ms, peak, syncs=0, **extra):
+        base = {"group": "head", "preset": "ade20k", "n": 8, "d": 2, "c": 3, "k": 2, "op": "head_step",
+                "mode": "step", "impl": impl, "status": "ok", "median_ms": ms, "p20_ms": ms,
+                "p80_ms": ms, "flops": 4e6, "peak_bytes": peak, "host_syncs": syncs}
+        return dict(base, **extra)
+
+    floor = row(FLOOR, 10.0, None, group="floor", op="gemm", mode=flops.HEAD_FLOOR)
+    rows = report.derive([floor, row(BASELINE, 40.0, 800), row("cpu", 12.0, 100), row("reference", 50.0, 900, 6)])
+    by_impl = {r["impl"]: r for r in rows}
+    assert by_impl["cpu"]["speedup"] == pytest.approx(40 / 12)
+    assert by_impl["cpu"]["times_floor"] == pytest.approx(1.2)
+    assert by_impl["cpu"]["memory_vs_baseline"] == pytest.approx(0.125)
+    assert by_impl["cpu"]["gflops"] == pytest.approx(4e6 / 12e-3 / 1e9)
+    targets = report.check_targets(rows, [("ade20k", 8, 2, 3, 2)])
+    verdicts = {(t["target"], t["detail"].split("[")[1][:-1]): t["met"] for t in targets}
+    assert verdicts[("speed-up vs baseline", "cpu")] is True
+    assert verdicts[("speed-up vs torch.compile", "cpu")] is None  # not measured
+    assert verdicts[("time / GEMM floor", "cpu")] is True
+    assert verdicts[("peak memory / baseline", "cpu")] is True
+    assert verdicts[("host syncs per step", "reference")] is False
+
+
+# ---- the suite end to end ----------------------------------------------------
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    document = cli.main(["--suite", "smoke", "--out", str(out), "--no-compile"])
+    return out, document
+
+
+def test_smoke_suite_writes_all_outputs(smoke_run):
+    out, document = smoke_run
+    for name in ("results.json", "results.csv", "head_step.md"):
+        assert (out / name).stat().st_size > 0
+    for name in ("time_vs_n.png", "memory_vs_n.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(document))
+    meta = document["meta"]
+    assert meta["versions"]["torch"] == torch.__version__ and meta["date"] and "commit" in meta["git"]
+    with (out / "results.csv").open() as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(document["rows"]) and set(csv_rows[0]) == set(report.CSV_FIELDS)
+    assert "GEMM floor" in (out / "head_step.md").read_text()
+
+
+def test_smoke_suite_rows_are_well_formed(smoke_run):
+    _, document = smoke_run
+    rows = document["rows"]
+    assert rows and all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
+    head = [r for r in rows if r["group"] == "head"]
+    assert {r["impl"] for r in head} == {BASELINE, *CPU_BACKENDS}
+    for r in head:
+        p = Problem(r["preset"], r["n"], r["d"], r["c"], r["k"])
+        assert r["runs"] == 2 and 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert r["flops"] == flops.head_step_flops(p)
+        assert r["times_floor"] == pytest.approx(r["median_ms"] / r["floor_ms"])
+        assert 0 < r["peak_bytes"] <= r["allocated_bytes"]
+        if r["impl"] == BASELINE:
+            assert r["speedup"] == 1.0 and r["memory_vs_baseline"] == 1.0
+            labels = make_head_inputs(p).labels
+            assert r["host_syncs"] >= labels[labels >= 0].unique().numel()  # the class loop
+        elif r["impl"] != "reference":
+            assert r["host_syncs"] == 0
+    ops = {(r["op"], r["mode"], r["impl"]) for r in rows if r["group"] == "ops"}
+    for impl in [BASELINE, *CPU_BACKENDS]:
+        for op, modes in (("class_scores", 3), ("ppc_ppd_loss", 3), ("sinkhorn_assign", 1),
+                          ("update_prototypes", 1)):
+            assert sum((op, m, impl) in ops for m in ("fwd", "bwd", "fwd+bwd")) == modes
+    assert any(t["target"] == "host syncs per step" for t in document["targets"])
