@@ -4,11 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # Every fused backend must run in the test suite: a missing one fails instead of skipping.
-REQUIRED_BACKENDS ?=
+REQUIRED_BACKENDS ?= triton
 STAMP := $(VENV)/.protoseg-installed
 BUILD_INPUTS := setup.py pyproject.toml requirements-dev.txt $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: install test bench lint env demo clean
+.PHONY: install test kernel-report bench lint env demo clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,13 @@ $(STAMP): $(PY) $(BUILD_INPUTS)
 
 install: $(STAMP)
 
-test: install
+test: install kernel-report
 	PROTOSEG_REQUIRE_BACKENDS=$(REQUIRED_BACKENDS) $(PY) -m pytest -q
+
+# Registers, spills and shared memory of every GPU kernel, compiled ahead of time for
+# sm_80 and sm_90 (no GPU needed); fails on any spill.
+kernel-report: install
+	$(PY) -m benchmarks.kernel_report
 
 # The benchmark suite (README "Benchmarks"): prints the table and writes JSON, CSV,
 # markdown and plots to benchmarks/results/<device>/. BENCH_ARGS="--suite full", ...

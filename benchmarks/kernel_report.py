@@ -24,19 +24,21 @@ import time
 from types import ModuleType
 
 COLLECTORS = ("kernel_report_triton", "kernel_report_cuda")
-
-# SPEC §7 presets: name -> (N pixels per GPU, D, C, K).
-PRESETS = {
-    "cityscapes": (65_536, 720, 19, 10),
-    "ade20k": (32_768, 720, 150, 10),
-    "coco_stuff": (32_768, 720, 171, 10),
-}
-
 COLUMNS = ("kernel", "config", "target", "registers", "spills", "stack", "shared")
 
 
+def _sibling(name: str) -> str:
+    """Module name of ``benchmarks/<name>.py``, run as a script or as part of the package."""
+    return f"{__package__}.{name}" if __package__ else name
+
+
+def presets() -> dict[str, tuple[int, int, int, int]]:
+    """SPEC §7 presets: name -> (N pixels per GPU, D, C, K)."""
+    problems = importlib.import_module(_sibling("problems"))
+    return {name: (p.n_gpu, p.d, p.c, p.k) for name, p in problems.PRESETS.items()}
+
 def _import_collector(name: str) -> ModuleType | None:
-    qualified = f"{__package__}.{name}" if __package__ else name
+    qualified = _sibling(name)
     try:
         return importlib.import_module(qualified)
     except ModuleNotFoundError as exc:
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in COLLECTORS:
         module = _import_collector(name)
         if module is not None:
-            rows += module.collect(PRESETS, capabilities)
+            rows += module.collect(presets(), capabilities)
     problems = [row for row in rows if row.get("problem")]
     kernels = [row for row in rows if not row.get("problem")]
     print(format_table(kernels))

@@ -6,8 +6,9 @@ backend is called on meta tensors of the preset shapes while its launches are
 recorded (no GPU, no data), and each distinct launch is specialised the way
 Triton's runtime would and compiled with ``triton.compile``. Registers, stack and
 local memory are read from the resulting cubin (``cuobjdump --dump-resource-usage``),
-spill bytes from ``ptxas -v`` on the same PTX with Triton's ptxas flags, and shared
-memory from the compiled kernel's metadata. A kernel that calls libdevice (``__nv_*``)
+spill bytes (for a kernel with a stack frame: spills are stored there) from
+``ptxas -v`` on the same PTX with Triton's ptxas flags, and shared memory from the
+compiled kernel's metadata. A kernel that calls libdevice (``__nv_*``)
 is reported as a problem: the backend must not use it.
 """
 
@@ -164,8 +165,11 @@ def _row(job_index: int) -> dict:
     compiled = _compile(launch, capability)
     usage = _resource_usage(compiled.asm["cubin"])
     arch = f"sm_{capability}{'a' if capability >= 90 else ''}"
+    stack = usage["STACK"] + usage.get("LOCAL", 0)
+    # Spills live in the stack frame: without one there are none, and ptxas need not run again.
+    spills = _spill_bytes(compiled.asm["ptx"], arch) if stack else 0
     row = {"kernel": name, "config": config, "target": f"sm_{capability}", "registers": usage["REG"],
-           "spills": _spill_bytes(compiled.asm["ptx"], arch), "stack": usage["STACK"] + usage.get("LOCAL", 0),
+           "spills": spills, "stack": stack,
            "shared": compiled.metadata.shared + usage.get("SHARED", 0)}
     if "__nv_" in compiled.asm["llir"]:
         row["problem"] = "calls libdevice"
