@@ -4,7 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # Every fused backend must run in the test suite: a missing one fails instead of skipping.
-REQUIRED_BACKENDS ?= triton
+# (cuda: the real CUDA extension must be built and register its kernels, GPU or not.)
+REQUIRED_BACKENDS ?= cuda_emulated,cuda,triton
+# GPU architectures of the CUDA build (SASS for sm_80 and sm_90; sm_80 code also runs on
+# sm_86/sm_89). `pip install .` without make defaults to 8.0;8.6;9.0+PTX (setup.py).
+CUDA_ARCHS ?= 8.0;9.0
 STAMP := $(VENV)/.protoseg-installed
 BUILD_INPUTS := setup.py pyproject.toml requirements-dev.txt $(shell find csrc -type f 2>/dev/null)
 
@@ -16,7 +20,7 @@ $(PY):
 # Re-installs only when the requirements or the extension sources changed.
 $(STAMP): $(PY) $(BUILD_INPUTS)
 	$(PIP) install --disable-pip-version-check -r requirements-dev.txt
-	PROTOSEG_BUILD_EMULATION=1 $(PIP) install --disable-pip-version-check --no-build-isolation -e .
+	PROTOSEG_BUILD_EMULATION=1 TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" $(PIP) install --disable-pip-version-check --no-build-isolation -e .
 	touch $(STAMP)
 
 install: $(STAMP)
