@@ -4,11 +4,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # Every fused backend must run in the test suite: a missing one fails instead of skipping.
-REQUIRED_BACKENDS ?= cpu
+# (cuda: the real CUDA extension must be built and register its kernels, GPU or not.)
+REQUIRED_BACKENDS ?= cpu,cuda_emulated,cuda,triton
+# GPU architectures of the CUDA build (SASS for sm_80 and sm_90; sm_80 code also runs on
+# sm_86/sm_89). `pip install .` without make defaults to 8.0;8.6;9.0+PTX (setup.py).
+CUDA_ARCHS ?= 8.0;9.0
 STAMP := $(VENV)/.protoseg-installed
 BUILD_INPUTS := setup.py pyproject.toml requirements-dev.txt $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: install test bench lint env demo clean
+.PHONY: install test kernel-report bench lint env demo clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -16,13 +20,18 @@ $(PY):
 # Re-installs only when the requirements or the extension sources changed.
 $(STAMP): $(PY) $(BUILD_INPUTS)
 	$(PIP) install --disable-pip-version-check -r requirements-dev.txt
-	PROTOSEG_BUILD_EMULATION=1 $(PIP) install --disable-pip-version-check --no-build-isolation -e .
+	PROTOSEG_BUILD_EMULATION=1 TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" $(PIP) install --disable-pip-version-check --no-build-isolation -e .
 	touch $(STAMP)
 
 install: $(STAMP)
 
-test: install
+test: install kernel-report
 	PROTOSEG_REQUIRE_BACKENDS=$(REQUIRED_BACKENDS) $(PY) -m pytest -q
+
+# Registers, spills and shared memory of every GPU kernel, compiled ahead of time for
+# sm_80 and sm_90 (no GPU needed); fails on any spill.
+kernel-report: install
+	$(PY) -m benchmarks.kernel_report
 
 # The benchmark suite (README "Benchmarks"): prints the table and writes JSON, CSV,
 # markdown and plots to benchmarks/results/<device>/. BENCH_ARGS="--suite full", ...

@@ -99,6 +99,9 @@ CXX_FLAGS = ["-O3", f"-march={CPU_ARCH}", "-fno-math-errno", "-Wall"]
 CPU_KERNEL_FLAGS = ["-fopenmp", "-ffp-contract=fast"]
 CPU_LINK_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+# The CUDA kernel sources built by the host compiler (csrc/emulation): hidden symbols so
+# they never interpose on the real extension's, and CUDA's `#pragma unroll` is not GCC's.
+EMULATION_FLAGS = ["-DPROTOSEG_EMULATION", "-pthread", "-fvisibility=hidden", "-Wno-unknown-pragmas"]
 WITH_CUDA = build_cuda()
 
 
@@ -111,7 +114,7 @@ def extensions() -> list:
     if WITH_CUDA:
         exts.append(CUDAExtension(
             "protoseg_kernels._C",
-            registration + _sources("csrc/cpu/*.cpp", "csrc/cuda/*.cu"),
+            registration + _sources("csrc/cpu/*.cpp", "csrc/cuda/*.cpp", "csrc/cuda/*.cu"),
             extra_compile_args={"cxx": CXX_FLAGS + CPU_KERNEL_FLAGS + ["-DPROTOSEG_WITH_CUDA"],
                                 "nvcc": NVCC_FLAGS + ["-DPROTOSEG_WITH_CUDA"]},
             extra_link_args=CPU_LINK_FLAGS, **common,
@@ -126,7 +129,7 @@ def extensions() -> list:
     if _flag("PROTOSEG_BUILD_EMULATION") and emulation:
         exts.append(CppExtension(
             "protoseg_kernels._C_emulated", emulation,
-            extra_compile_args={"cxx": CXX_FLAGS + ["-DPROTOSEG_EMULATION", "-pthread"]},
+            extra_compile_args={"cxx": CXX_FLAGS + EMULATION_FLAGS},
             extra_link_args=["-pthread"], **common,
         ))
     return exts

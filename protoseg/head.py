@@ -212,8 +212,10 @@ class ProtoSegHead(nn.Module):
         batch, _, height, width = _check_features(features).shape
         x = self.embed(features)
         # A normalised copy: the buffer is overwritten by the update below while
-        # autograd still holds this tensor for backward.
-        prototypes = F.normalize(self.prototypes, dim=-1).to(x.dtype)
+        # autograd still holds this tensor for backward. It keeps the buffer's dtype
+        # (the ops cast it to x's for the similarities), so the momentum update of
+        # an fp32 buffer is not rounded to a low-precision x's dtype.
+        prototypes = F.normalize(self.prototypes, dim=-1)
         learning = self.training and labels is not None
         if learning:
             if self.validate_labels:

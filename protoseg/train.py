@@ -27,10 +27,10 @@ from .data import DatasetError
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    _, description, _, examples = __doc__.split("\n\n")
     parser = argparse.ArgumentParser(
-        prog="protoseg-train", description=__doc__.split("\n\n")[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"packaged configs: {', '.join(packaged_config_names())}",
+        prog="protoseg-train", description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"examples:\n{examples}\n\npackaged configs: {', '.join(packaged_config_names())}",
     )
     parser.add_argument("config", nargs="?", help="YAML config file or packaged config name (default: built-in "
                         "defaults)")

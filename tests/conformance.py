@@ -42,13 +42,13 @@ def _leaf(t: Tensor, dtype: torch.dtype, grad: bool = True) -> Tensor:
     return t.detach().to(dtype).requires_grad_(grad)
 
 
-def _upstream(shape: tuple[int, ...], seed: int) -> Tensor:
+def _upstream(shape: tuple[int, ...], seed: int, device: torch.device) -> Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=F64)
+    return torch.randn(shape, generator=g, dtype=F64).to(device)
 
 
 def _grads(outputs: list[Tensor], weights: list[Tensor], inputs: list[Tensor]) -> list[Tensor | None]:
-    loss = sum((o.to(F64) * w).sum() for o, w in zip(outputs, weights))
+    loss = sum((o.to(F64) * w.to(o.device)).sum() for o, w in zip(outputs, weights))
     return list(torch.autograd.grad(loss, inputs, allow_unused=True))
 
 
@@ -75,7 +75,7 @@ def plain_similarity(x: Tensor, prototypes: Tensor, normalize: bool) -> Tensor:
 
 def check_prototype_similarity(backend: str, case: Case, dtype: torch.dtype, normalize: bool = True) -> None:
     n, _, c, k = case.shape
-    weight = _upstream((n, c, k), 1)
+    weight = _upstream((n, c, k), 1, case.x.device)
 
     def run(name: str, dt: torch.dtype):
         x, p = _leaf(case.x.to(dtype), dt), _leaf(case.prototypes.to(dtype), dt)
@@ -116,7 +116,7 @@ def check_class_scores(
     prototype_grad: bool = True,
 ) -> None:
     n, _, c, _ = case.shape
-    w_scores, w_lse = _upstream((n, c), 2), _upstream((n,), 3)
+    w_scores, w_lse = _upstream((n, c), 2, case.x.device), _upstream((n,), 3, case.x.device)
 
     def run(name: str, dt: torch.dtype):
         x = _leaf(case.x.to(dtype), dt)
@@ -177,7 +177,7 @@ def check_ppc_ppd_loss(
     normalize: bool = True, prototype_grad: bool = True,
 ) -> None:
     n = case.shape[0]
-    w_ppc, w_ppd = _upstream((n,), 4), _upstream((n,), 5)
+    w_ppc, w_ppd = _upstream((n,), 4, case.x.device), _upstream((n,), 5, case.x.device)
 
     def run(name: str, dt: torch.dtype):
         x = _leaf(case.x.to(dtype), dt)
@@ -262,7 +262,7 @@ def check_update_prototypes(
     x, p = case.x.to(dtype), case.prototypes.to(dtype)
     mask = None
     if with_mask:
-        mask = torch.rand(case.shape[0], generator=torch.Generator().manual_seed(6)) < 0.7
+        mask = (torch.rand(case.shape[0], generator=torch.Generator().manual_seed(6)) < 0.7).to(case.x.device)
     kwargs = dict(mask=mask, momentum=momentum, normalize=normalize)
     with pk.use_backend("reference"):
         ref = pk.update_prototypes(p.to(F64), x.to(F64), case.labels, case.index, **kwargs)

@@ -77,7 +77,7 @@ def max_abs_difference(a: Tensor, b: Tensor) -> float:
 def top2_gap(values: Tensor) -> Tensor:
     """Gap between the largest and second largest entry along the last dim (inf if K = 1)."""
     if values.shape[-1] < 2:
-        return torch.full(values.shape[:-1], math.inf, dtype=F64)
+        return torch.full(values.shape[:-1], math.inf, dtype=F64, device=values.device)
     top = values.to(F64).topk(2, dim=-1).values
     return top[..., 0] - top[..., 1]
 

@@ -86,6 +86,7 @@ def test_import_without_extension_and_triton():
         "import sys\n"
         "sys.modules['triton'] = None\n"
         "sys.modules['protoseg_kernels._C'] = None\n"
+        "sys.modules['protoseg_kernels._C_emulated'] = None\n"
         "import torch, protoseg_kernels as pk\n"
         "from protoseg_kernels._backend import unavailable_reason\n"
         "print(pk.available_backends())\n"

@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-
 import broken_backend
 import conformance
+import pytest
+import torch
 from helpers import make_case
+
 from protoseg_kernels import _backend
 
 

@@ -17,12 +17,15 @@ C, K, C_IN, D = 5, 3, 12, 8
 
 def make_batch(seed: int, b: int = 2, h: int = 5, w: int = 7, factor: int = 2):
     """Features [b, C_in, h, w] and labels [b, factor·h, factor·w] with ignored pixels,
-    an absent class (C − 1) and a class present at one feature pixel (class 0)."""
+    an absent class (C − 1) and a class present at three feature pixels (class 0).
+    (A class at a single pixel would make its Sinkhorn assignment uniform: an exact
+    tie, which the ops' own tests cover.)"""
     g = torch.Generator().manual_seed(seed)
     features = torch.randn(b, C_IN, h, w, generator=g, dtype=torch.float64)
     labels = torch.randint(1, C - 1, (b, h * factor, w * factor), generator=g)
     labels[torch.rand(labels.shape, generator=g) < 0.15] = IGNORE
-    labels[0, 0, 0] = 0  # the top-left pixel of block (0, 0) is what nearest downsampling keeps
+    # Nearest downsampling keeps the top-left pixel of each factor x factor block.
+    labels[0, 0, 0] = labels[0, 0, factor] = labels[0, factor, 0] = 0
     return features, labels
 
 
@@ -226,3 +229,19 @@ def test_bad_labels_raise_clear_errors(mutate, error, message):
 def test_bad_features_raise_a_clear_error():
     with pytest.raises(ValueError, match=r"features must be a \[b, C, h, w\] tensor"):
         make_head()(torch.randn(3, C_IN, dtype=torch.float64))
+
+
+def test_low_precision_features_keep_the_prototype_update_in_float32():
+    """With bf16 features the fp32 prototype buffer is updated in fp32: momentum steps
+    far below bf16's resolution must survive."""
+    torch.manual_seed(0)
+    head = ProtoSegHead(8, 3, 2, 8, projection="none", momentum=0.999, ignore_index=IGNORE)
+    head.feat_norm.bfloat16()
+    head.mask_norm.bfloat16()
+    before = head.prototypes.clone()
+    out = head(torch.randn(2, 8, 4, 4).bfloat16(), torch.randint(0, 3, (2, 4, 4)))
+    assert out.seg.dtype == torch.bfloat16 and out.ppc.dtype == torch.float32
+    assert head.prototypes.dtype == torch.float32
+    change = (head.prototypes - before).abs().max().item()
+    assert 0 < change < 2e-3
+    assert not torch.equal(head.prototypes, head.prototypes.bfloat16().float())

@@ -1,0 +1,172 @@
+"""Resource usage of every CUDA kernel of ``csrc/cuda`` (SPEC §6), for the kernel report.
+
+Each ``.cu`` file is compiled to a cubin per target with ``nvcc -Xptxas=-v`` and the same
+flags as the extension build (no GPU needed); every kernel entry, i.e. every template
+instantiation, becomes one row: registers per thread, spill stores + loads (bytes),
+stack frame and static shared memory (bytes). Zero spills is the bar.
+
+    python benchmarks/kernel_report_cuda.py [--targets 80,90]
+
+also runs standalone; ``benchmarks/kernel_report.py`` collects these rows with the
+Triton kernels' through :func:`collect`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+# The device flags of setup.py (NVCC_FLAGS and -DPROTOSEG_WITH_CUDA; -lineinfo does not
+# change code generation).
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-DPROTOSEG_WITH_CUDA", "-std=c++20"]
+STATIC_SHARED_LIMIT = 48 * 1024  # bytes a block may declare statically
+ELEMENT_TYPES = {"__half": "fp16", "__nv_bfloat16": "bf16", "double": "fp64", "float": "fp32"}
+
+_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\d+)'")
+_PROPERTIES = re.compile(r"Function properties for (\S+)")
+_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_USED = re.compile(r"Used (\d+) registers")
+_SHARED = re.compile(r"(\d+) bytes smem")
+
+
+def find_nvcc() -> str | None:
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var) and (Path(os.environ[var]) / "bin" / "nvcc").exists():
+            return str(Path(os.environ[var]) / "bin" / "nvcc")
+    default = Path("/usr/local/cuda/bin/nvcc")
+    return shutil.which("nvcc") or (str(default) if default.exists() else None)
+
+
+def compile_flags() -> list[str]:
+    import torch
+    from torch.utils import cpp_extension
+
+    includes = [str(CSRC), *cpp_extension.include_paths("cuda"), sysconfig.get_paths()["include"]]
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    common = list(getattr(cpp_extension, "COMMON_NVCC_FLAGS", []))
+    return NVCC_FLAGS + common + [abi] + [f"-I{path}" for path in includes]
+
+
+def parse_ptxas(log: str) -> list[dict]:
+    """One dict per kernel entry of a ``ptxas -v`` log (device functions are skipped)."""
+    rows: dict[str, dict] = {}
+    current: dict | None = None
+    for line in log.splitlines():
+        if m := _ENTRY.search(line):
+            rows[m.group(1)] = {"mangled": m.group(1), "target": m.group(2), "spills": 0, "stack": 0, "shared": 0}
+            current = None
+        elif m := _PROPERTIES.search(line):
+            current = rows.get(m.group(1))
+        elif current is not None and (m := _FRAME.search(line)):
+            current["stack"] = int(m.group(1))
+            current["spills"] = int(m.group(2)) + int(m.group(3))
+        elif current is not None and (m := _USED.search(line)):
+            current["registers"] = int(m.group(1))
+            shared = _SHARED.search(line)
+            current["shared"] = int(shared.group(1)) if shared else 0
+            current = None
+    return list(rows.values())
+
+
+def _split_top_level(text: str) -> list[str]:
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        if char in "<(":
+            depth += 1
+        elif char in ">)":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    parts.append(text[start:].strip())
+    return [p for p in parts if p]
+
+
+def describe(demangled: str) -> tuple[str, str]:
+    """('grad_p_kernel<PpcPpdGradient>', 'bf16') from a demangled kernel signature: the
+    kernel with its non-type template arguments, and the element type it runs on."""
+    name = demangled.removeprefix("void ").replace("(anonymous namespace)::", "")
+    name = name.replace("protoseg::cuda::", "").replace("protoseg::", "")
+    name = name[: name.find("(")] if "(" in name else name
+    if "<" not in name:
+        return name, "-"
+    base, args = name[: name.index("<")], name[name.index("<") + 1 : name.rindex(">")]
+    others = [re.sub(r"<.*>", "", a) for a in _split_top_level(args) if a not in ELEMENT_TYPES]
+    found = [short for full, short in ELEMENT_TYPES.items() if re.search(rf"\b{full}\b", args)]
+    element = found[0] if found else "-"  # half types first, then fp64, then fp32
+    return base + (f"<{', '.join(others)}>" if others else ""), element
+
+
+def _demangle(names: list[str]) -> list[str]:
+    filt = shutil.which("c++filt")
+    if not filt or not names:
+        return names
+    out = subprocess.run([filt], input="\n".join(names), capture_output=True, text=True, check=True).stdout
+    return out.splitlines()
+
+
+def _compile(nvcc: str, flags: list[str], source: Path, capability: int, scratch: Path) -> str:
+    cubin = scratch / f"{source.stem}.sm_{capability}.cubin"
+    cmd = [nvcc, "--cubin", f"-arch=sm_{capability}", "-Xptxas=-v", *flags, str(source), "-o", str(cubin)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"nvcc failed on {source.name} for sm_{capability}:\n{result.stderr[-4000:]}")
+    return result.stderr  # ptxas writes its report to stderr
+
+
+def collect(presets: dict | None = None, capabilities: list[int] | tuple[int, ...] = (80, 90)) -> list[dict]:
+    """Rows (kernel, config = element type, target, registers, spills, stack, shared) of
+    every kernel of csrc/cuda for each compute capability. ``presets`` is accepted for the
+    report's interface: CUDA tile sizes are compile-time constants, not per preset."""
+    del presets
+    nvcc = find_nvcc()
+    if nvcc is None:
+        return [{"kernel": "csrc/cuda", "config": "-", "target": "-", "problem": "nvcc not found (set CUDA_HOME)"}]
+    sources = sorted((CSRC / "cuda").glob("*.cu"))
+    flags = compile_flags()
+    jobs = int(os.environ.get("MAX_JOBS", "2"))
+    with tempfile.TemporaryDirectory() as scratch, ThreadPoolExecutor(max_workers=jobs) as pool:
+        logs = list(pool.map(lambda job: _compile(nvcc, flags, job[0], job[1], Path(scratch)),
+                             [(s, c) for s in sources for c in capabilities]))
+    entries = [entry for log in logs for entry in parse_ptxas(log)]
+    rows = []
+    for entry, demangled in zip(entries, _demangle([e["mangled"] for e in entries])):
+        kernel, element = describe(demangled)
+        row = {"kernel": kernel, "config": element, "target": entry["target"], "registers": entry["registers"],
+               "spills": entry["spills"], "stack": entry["stack"], "shared": entry["shared"]}
+        if row["shared"] > STATIC_SHARED_LIMIT:
+            row["problem"] = f"{row['shared']} bytes of static shared memory exceed the 48 KiB limit"
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r["kernel"], r["config"], r["target"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--targets", default="80,90", help="compute capabilities, comma-separated (default 80,90)")
+    args = parser.parse_args(argv)
+    rows = collect(None, [int(t) for t in args.targets.split(",") if t.strip()])
+    problems = [r for r in rows if r.get("problem")]
+    rows = [r for r in rows if not r.get("problem")]
+    columns = ("kernel", "config", "target", "registers", "spills", "stack", "shared")
+    widths = [max([len(c)] + [len(str(r[c])) for r in rows]) for c in columns]
+    for values in [columns, *[[str(r[c]) for c in columns] for r in rows]]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(values, widths)))
+    for row in problems:
+        print(f"PROBLEM: {row['kernel']}: {row['problem']}")
+    spilling = [r for r in rows if r["spills"]]
+    print(f"{len(rows)} CUDA kernels, {len(spilling)} spilling")
+    return 1 if spilling or problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

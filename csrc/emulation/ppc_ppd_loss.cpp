@@ -1,0 +1,2 @@
+// Host build of csrc/cuda/ppc_ppd_loss.cu through the CUDA emulation (same source, unchanged).
+#include "cuda/ppc_ppd_loss.cu"

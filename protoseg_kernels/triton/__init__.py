@@ -1,0 +1,65 @@
+"""The ``triton`` backend: fused Triton kernels for CUDA tensors (SPEC §4).
+
+One module per op implements its kernels of the contract in
+:mod:`protoseg_kernels._kernel_interface`; ``_tiles`` (device helpers),
+``_similarity_grads`` (the backward GEMMs), ``_norms``, ``_config`` (block sizes)
+and ``_host`` (launching) are shared.
+
+The kernels serve CUDA tensors (compute capability 8.0+), in float16, bfloat16 and
+float32. With ``TRITON_INTERPRET=1`` set before this package is imported, Triton
+interprets them on the CPU instead: the backend then also serves CPU tensors, which
+is how the test suite runs every kernel without a GPU (slowly: for tests only).
+"""
+
+from __future__ import annotations
+
+import torch
+
+MIN_CAPABILITY = (8, 0)
+
+try:
+    import triton  # noqa: F401
+except Exception as exc:  # a broken install may fail in any way
+    _IMPORT_PROBLEM: str | None = (
+        f"triton cannot be imported ({type(exc).__name__}: {exc}); install it with "
+        f"`pip install triton` (Linux, CUDA GPUs)"
+    )
+else:
+    _IMPORT_PROBLEM = None
+    from ._host import INTERPRETING
+    from .class_scores import class_scores_backward, class_scores_forward
+    from .ppc_ppd_loss import ppc_ppd_backward, ppc_ppd_forward
+    from .prototype_similarity import similarity_backward, similarity_forward
+    from .sinkhorn_assign import sinkhorn_class_logsumexp, sinkhorn_finalize, sinkhorn_logits, sinkhorn_marginals
+    from .update_prototypes import momentum_update, prototype_sums
+
+__all__ = [
+    "class_scores_backward", "class_scores_forward", "device_reason", "momentum_update", "ppc_ppd_backward",
+    "ppc_ppd_forward", "prototype_sums", "similarity_backward", "similarity_forward", "sinkhorn_class_logsumexp",
+    "sinkhorn_finalize", "sinkhorn_logits", "sinkhorn_marginals", "unavailable_reason",
+]
+
+
+def unavailable_reason() -> str | None:
+    return _IMPORT_PROBLEM
+
+
+def device_reason(device: torch.device) -> str | None:
+    """Why the kernels cannot run on ``device`` tensors, or None."""
+    if _IMPORT_PROBLEM is not None:
+        return _IMPORT_PROBLEM
+    if device.type == "cpu":
+        if INTERPRETING:
+            return None
+        return ("the triton backend runs on CUDA tensors; CPU tensors only under the Triton interpreter "
+                "(TRITON_INTERPRET=1 set before importing protoseg_kernels, for tests). "
+                "Use the 'cpu' or 'reference' backend for CPU tensors")
+    if device.type != "cuda":
+        return f"the triton backend runs on CUDA tensors, not {device.type}"
+    if INTERPRETING:
+        return None
+    capability = torch.cuda.get_device_capability(device)
+    if capability < MIN_CAPABILITY:
+        return (f"the triton backend needs a GPU of compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} "
+                f"or newer, this one has {capability[0]}.{capability[1]}; use the 'cuda' backend")
+    return None

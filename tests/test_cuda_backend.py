@@ -1,0 +1,202 @@
+"""The CUDA backend (csrc/cuda): the real extension registers a CUDA kernel for every
+schema; the host emulation header (csrc/emulation) runs CUDA constructs correctly on
+its own; the emulated build never allocates N·C·K; with a GPU, the kernels match the
+reference (and triton) and are timed. The op test files compare ``cuda_emulated`` with
+the reference for every op (SPEC §5)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conformance import (
+    check_class_scores,
+    check_ppc_ppd_loss,
+    check_prototype_similarity,
+    check_sinkhorn_assign,
+    check_update_prototypes,
+)
+from conftest import require_backend
+from helpers import RAGGED_SHAPES, Case, assert_close, make_case
+
+import protoseg_kernels as pk
+from protoseg_kernels._backend import unavailable_reason
+from protoseg_kernels._compiled import KERNEL_NAMES, build_info, has_kernel
+
+ROOT = Path(__file__).resolve().parent.parent
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+# ---- the real extension ------------------------------------------------------------
+
+def test_real_extension_registers_a_cuda_kernel_for_every_schema():
+    require_backend("cuda")
+    missing = [k for k in KERNEL_NAMES if not has_kernel("protoseg", k, "CUDA")]
+    assert not missing, f"no CUDA kernel registered for {missing}"
+
+
+def test_real_extension_was_compiled_for_sm80_and_sm90():
+    require_backend("cuda")
+    info = build_info()
+    archs = {arch.strip().removesuffix("+PTX") for arch in info["cuda_archs"].replace(",", ";").split(";")}
+    assert info["cuda_kernels"] and {"8.0", "9.0"} <= archs, f"built for {info['cuda_archs']!r}"
+
+
+def test_emulated_extension_registers_every_kernel_for_cpu():
+    require_backend("cuda_emulated")
+    missing = [k for k in KERNEL_NAMES if not has_kernel("protoseg_emulated", k, "CPU")]
+    assert not missing, f"no emulated kernel registered for {missing}"
+
+
+# ---- the emulation header on its own -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def probe_output(tmp_path_factory) -> dict[str, str]:
+    """Compile tests/emulation_probe.cpp against the emulation header and run it."""
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C++ compiler to build the emulation probe")
+    binary = tmp_path_factory.mktemp("probe") / "emulation_probe"
+    subprocess.run(
+        [compiler, "-std=c++20", "-O1", "-Wall", "-Werror", "-Wno-unknown-pragmas", "-pthread",
+         "-DPROTOSEG_EMULATION", f"-I{ROOT / 'csrc'}", str(ROOT / "tests" / "emulation_probe.cpp"),
+         "-o", str(binary)],
+        check=True, capture_output=True, text=True,
+    )
+    out = subprocess.run([str(binary)], check=True, capture_output=True, text=True, timeout=120).stdout
+    return dict(line.split(" ", 1) for line in out.strip().splitlines())
+
+
+def _ints(text: str) -> torch.Tensor:
+    return torch.tensor([int(v) for v in text.split()])
+
+
+def test_emulation_runs_shared_memory_barriers_shuffles_ballots_and_atomics(probe_output):
+    n, threads = 1000, 128
+    values = torch.tensor([(i * 37) % 201 - 100 for i in range(n)])
+    padded = torch.cat([values, values.new_zeros(-n % threads)])
+    assert torch.equal(_ints(probe_output["block_sums"]), padded.view(-1, threads).sum(1))
+    warps = padded.view(-1, 32)
+    assert torch.equal(_ints(probe_output["warp_scan"]), warps.cumsum(1).flatten()[:n])
+    assert torch.equal(_ints(probe_output["lane0"]), warps[:, :1].expand(-1, 32).flatten()[:n])
+    total, positives, maximum = _ints(probe_output["totals"]).tolist()
+    assert (total, positives, maximum) == (int(values.sum()), int((values > 0).sum()), int(values.max()))
+
+
+def test_emulation_reports_a_divergent_barrier_and_a_bad_launch(probe_output):
+    assert "divergent __syncthreads" in probe_output["divergent_barrier"]
+    assert "invalid block dimensions" in probe_output["oversized_block"]
+
+
+def test_emulated_half_types_round_like_torch(probe_output):
+    samples = torch.tensor([1.0, 0.1, -3.14159265, 65504.0, 70000.0, 1e-7, 6.0e-8, 1.00048828125, 1.0009765625,
+                            -0.0, 3.0e38, 1.00390625, 1.01171875])
+    for name, dtype in (("half_bits", torch.float16), ("bfloat16_bits", torch.bfloat16)):
+        expected = samples.to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
+        assert torch.equal(_ints(probe_output[name]), expected), name
+
+
+# ---- memory: never N·C·K -------------------------------------------------------------
+
+def _largest_allocation(fn) -> int:
+    """Bytes of the largest single CPU allocation made while ``fn`` runs."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max((e.self_cpu_memory_usage for e in prof.events()), default=0)
+
+
+def test_emulated_kernels_never_allocate_n_c_k():
+    require_backend("cuda_emulated")
+    # K large enough that the legitimate [N, C] int64 buffers stay well below N·C·K fp32.
+    case = make_case(700, 8, 12, 16, dtype=torch.float32, seed=5)
+    n, _, c, k = case.shape
+    ck_bytes = n * c * k * 4
+
+    def head_step():
+        x = case.x.clone().requires_grad_()
+        p = case.prototypes.clone().requires_grad_()
+        out = pk.class_scores(x, p, reduction="logsumexp", return_index=True, lse_temperature=0.1)
+        ppc, ppd = pk.ppc_ppd_loss(x, p, case.target)
+        (out.scores.sum() + out.lse.sum() + ppc + ppd).backward()
+        index = pk.sinkhorn_assign(case.x, case.prototypes, case.labels).index
+        pk.update_prototypes(case.prototypes, case.x, case.labels, index)
+
+    with pk.use_backend("cuda_emulated"):
+        largest = _largest_allocation(head_step)
+    with pk.use_backend("reference"):
+        reference_largest = _largest_allocation(head_step)
+    assert reference_largest >= ck_bytes, "the probe does not see the reference's N·C·K tensors"
+    assert largest < ck_bytes // 4, f"largest allocation {largest} B vs N·C·K = {ck_bytes} B"
+
+
+# ---- on a GPU ------------------------------------------------------------------------
+
+def _to_gpu(case: Case) -> Case:
+    return Case(*(t.cuda() for t in (case.x, case.prototypes, case.labels, case.target, case.index)))
+
+
+def _gpu_backends() -> list[str]:
+    return ["cuda"] + (["triton"] if unavailable_reason("triton") is None else [])
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_kernels_match_reference(dtype):
+    require_backend("cuda")
+    for backend in _gpu_backends():
+        for i, shape in enumerate(RAGGED_SHAPES):
+            case = _to_gpu(make_case(*shape, seed=40 + i))
+            check_prototype_similarity(backend, case, dtype)
+            for reduction, lse_temperature in (("max", 0.1), ("logsumexp", None)):
+                check_class_scores(backend, case, dtype, reduction=reduction, lse_temperature=lse_temperature,
+                                   prototype_grad=i % 2 == 0)
+            check_ppc_ppd_loss(backend, case, dtype)
+            check_sinkhorn_assign(backend, case, dtype)
+            check_update_prototypes(backend, case, dtype)
+
+
+def _head_step(x: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Forward and backward of a ProtoSeg head step; returns the loss (x gets .grad)."""
+    k = prototypes.shape[1]
+    out = pk.class_scores(x, prototypes, return_index=True, lse_temperature=0.1)
+    assignment = pk.sinkhorn_assign(x.detach(), prototypes, labels)
+    target = torch.where(labels >= 0, labels * k + assignment.index.clamp_min(0), -1)
+    ppc, ppd = pk.ppc_ppd_loss(x, prototypes, target, temperature=0.1, validate=False)
+    loss = out.scores.logsumexp(1).mean() + 0.01 * ppc + 0.001 * ppd
+    loss.backward()
+    pk.update_prototypes(prototypes, x.detach(), labels, assignment.index, mask=out.scores.argmax(1) == labels,
+                         validate=False)
+    return loss.detach()
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_head_step_timing(dtype, record_property):
+    """Times a Cityscapes-sized head step (SPEC §7 preset) per backend; the losses agree."""
+    require_backend("cuda")
+    case = make_case(65_536, 720, 19, 10, dtype=dtype, seed=7)
+    x, prototypes, labels = case.x.cuda(), case.prototypes.cuda(), case.labels.cuda()
+    times, losses = {}, {}
+    for backend in _gpu_backends() + ["reference"]:
+        with pk.use_backend(backend):
+            samples = []
+            for _ in range(6):
+                leaf = x.clone().requires_grad_()
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                losses[backend] = _head_step(leaf, prototypes, labels)
+                torch.cuda.synchronize()
+                samples.append(time.perf_counter() - start)
+        times[backend] = statistics.median(samples[1:])  # the first run compiles and warms up
+        record_property(f"{backend}_ms", round(times[backend] * 1e3, 3))
+    print("\n" + "  ".join(f"{name}: {t * 1e3:.2f} ms" for name, t in times.items()))
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2
+    for backend in _gpu_backends():
+        assert_close(losses[backend].float(), losses["reference"].float(), tolerance, f"{backend} loss")

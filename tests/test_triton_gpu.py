@@ -1,0 +1,115 @@
+"""The compiled Triton kernels on a real GPU: every op against the float64 reference
+at the SPEC §7 preset shapes (by the SPEC §5 rules of ``conformance.py``), bitwise
+determinism, and no host synchronisation. Skipped without a CUDA GPU, and under the
+interpreter (which would take hours at these sizes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conformance import (
+    check_class_scores,
+    check_ppc_ppd_loss,
+    check_prototype_similarity,
+    check_sinkhorn_assign,
+    check_update_prototypes,
+)
+from helpers import Case, assert_bitwise_equal, make_case
+
+import protoseg_kernels as pk
+
+
+def _gpu_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU"
+    from protoseg_kernels._backend import get_backend, unavailable_reason
+
+    reason = unavailable_reason("triton")
+    if reason is None:
+        reason = get_backend("triton").device_reason(torch.device("cuda"))
+    if reason is None:
+        from protoseg_kernels.triton import _host
+
+        if _host.INTERPRETING:
+            reason = "TRITON_INTERPRET=1: the GPU tests need the compiled kernels"
+    return reason
+
+
+pytestmark = pytest.mark.skipif(_gpu_reason() is not None, reason=str(_gpu_reason()))
+
+# SPEC §7 presets (N per GPU, D, C, K); similarity also at a smaller N (its output is N·C·K).
+PRESETS = {"cityscapes": (65_536, 720, 19, 10), "ade20k": (32_768, 720, 150, 10),
+           "coco_stuff": (32_768, 720, 171, 10)}
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _on_gpu(case: Case) -> Case:
+    return Case(*(t.cuda() for t in (case.x, case.prototypes, case.labels, case.target, case.index)))
+
+
+@pytest.fixture(scope="module", params=list(PRESETS), ids=list(PRESETS))
+def preset_case(request) -> Case:
+    return _on_gpu(make_case(*PRESETS[request.param], seed=1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction,lse_temperature", [("max", None), ("max", 0.1), ("logsumexp", 0.1)])
+def test_class_scores(preset_case, dtype, reduction, lse_temperature):
+    check_class_scores("triton", preset_case, dtype, reduction=reduction, lse_temperature=lse_temperature)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ppc_ppd_loss(preset_case, dtype):
+    check_ppc_ppd_loss("triton", preset_case, dtype, temperature=0.1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sinkhorn_assign(preset_case, dtype):
+    check_sinkhorn_assign("triton", preset_case, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_update_prototypes(preset_case, dtype):
+    check_update_prototypes("triton", preset_case, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_prototype_similarity(dtype):
+    n, d, c, k = PRESETS["ade20k"]
+    check_prototype_similarity("triton", _on_gpu(make_case(n // 8, d, c, k, seed=2)), dtype)
+
+
+def test_backward_is_bitwise_deterministic(preset_case):
+    """The dx accumulator and the dP split partials are re-read by other threads of
+    the same program; this checks the synchronisation as much as the fixed order."""
+
+    def run():
+        x = preset_case.x.bfloat16().requires_grad_()
+        p = preset_case.prototypes.bfloat16().requires_grad_()
+        with pk.use_backend("triton"):
+            out = pk.class_scores(x, p, return_index=True, lse_temperature=0.1)
+            ppc, ppd = pk.ppc_ppd_loss(x, p, preset_case.target, temperature=0.1)
+        (out.scores.float().sum() + out.lse.sum() + ppc + ppd).backward()
+        return out.scores, out.index, out.lse, x.grad, p.grad
+
+    for a, b in zip(run(), run()):
+        assert_bitwise_equal(a, b)
+
+
+def test_head_step_without_host_synchronisation(preset_case):
+    x = preset_case.x.bfloat16().requires_grad_()
+    p = preset_case.prototypes.bfloat16()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pk.use_backend("triton"):
+            out = pk.class_scores(x, p, return_index=True, lse_temperature=0.1)
+            assignment = pk.sinkhorn_assign(x, p, preset_case.labels, validate=False)
+            target = torch.where(preset_case.labels >= 0, preset_case.labels * p.shape[1] + assignment.index, -1)
+            ppc, ppd = pk.ppc_ppd_loss(x, p, target, temperature=0.1, validate=False)
+            pk.update_prototypes(p, x.detach(), preset_case.labels, assignment.index, validate=False)
+            (out.scores.float().logsumexp(1).mean() + out.lse.mean() + ppc + ppd).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert torch.isfinite(x.grad.float()).all()
