@@ -52,7 +52,8 @@ def compile_flags() -> list[str]:
     import torch
     from torch.utils import cpp_extension
 
-    includes = [str(CSRC), *cpp_extension.include_paths("cuda"), sysconfig.get_paths()["include"]]
+    # torch's headers (nvcc adds the toolkit's own), the sources, Python's.
+    includes = [str(CSRC), *cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     common = list(getattr(cpp_extension, "COMMON_NVCC_FLAGS", []))
     return NVCC_FLAGS + common + [abi] + [f"-I{path}" for path in includes]
@@ -139,7 +140,8 @@ def collect(presets: dict | None = None, capabilities: list[int] | tuple[int, ..
     with tempfile.TemporaryDirectory() as scratch, ThreadPoolExecutor(max_workers=jobs) as pool:
         logs = list(pool.map(lambda job: _compile(nvcc, flags, job[0], job[1], Path(scratch)),
                              [(s, c) for s in sources for c in capabilities]))
-    entries = [entry for log in logs for entry in parse_ptxas(log)]
+    # Kernels defined in shared headers are compiled into several files: report each once.
+    entries = list({(e["mangled"], e["target"]): e for log in logs for e in parse_ptxas(log)}.values())
     rows = []
     for entry, demangled in zip(entries, _demangle([e["mangled"] for e in entries])):
         kernel, element = describe(demangled)
