@@ -22,7 +22,7 @@ from conformance import (
     check_sinkhorn_assign,
     check_update_prototypes,
 )
-from conftest import require_backend
+from conftest import _required_backends, require_backend
 from helpers import RAGGED_SHAPES, Case, assert_bitwise_equal, assert_close, make_case
 
 import protoseg_kernels as pk
@@ -36,14 +36,25 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 
 # ---- the real extension ------------------------------------------------------------
 
+def require_cuda_build() -> None:
+    """Skip (or fail, when PROTOSEG_REQUIRE_BACKENDS names cuda) unless the extension was
+    built with the CUDA kernels; unlike require_backend, no GPU is needed."""
+    reason = unavailable_reason("cuda")
+    if reason is None:
+        return
+    if "cuda" in _required_backends():
+        pytest.fail(f"backend 'cuda' is required by PROTOSEG_REQUIRE_BACKENDS but unavailable: {reason}")
+    pytest.skip(f"backend 'cuda' unavailable: {reason}")
+
+
 def test_real_extension_registers_a_cuda_kernel_for_every_schema():
-    require_backend("cuda")
+    require_cuda_build()
     missing = [k for k in KERNEL_NAMES if not has_kernel("protoseg", k, "CUDA")]
     assert not missing, f"no CUDA kernel registered for {missing}"
 
 
 def test_real_extension_was_compiled_for_sm80_and_sm90():
-    require_backend("cuda")
+    require_cuda_build()
     info = build_info()
     archs = {arch.strip().removesuffix("+PTX") for arch in info["cuda_archs"].replace(",", ";").split(";")}
     assert info["cuda_kernels"] and {"8.0", "9.0"} <= archs, f"built for {info['cuda_archs']!r}"
@@ -185,7 +196,7 @@ def _check_every_op(case: Case, dtype: torch.dtype, prototype_grad: bool) -> Non
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", RAGGED_SHAPES, ids=str)
 def test_gpu_cuda_matches_reference(shape, dtype):
-    require_backend("cuda")
+    require_cuda_build()
     _check_every_op(_to_gpu(make_case(*shape, seed=40)), dtype, prototype_grad=shape[3] != 1)
 
 
@@ -197,13 +208,13 @@ PRESETS = {"cityscapes": (16_384, 720, 19, 10), "ade20k": (8_192, 720, 150, 10)}
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_gpu_cuda_matches_reference_at_presets(preset, dtype):
-    require_backend("cuda")
+    require_cuda_build()
     _check_every_op(_to_gpu(make_case(*PRESETS[preset], seed=41)), dtype, prototype_grad=True)
 
 
 @needs_gpu
 def test_gpu_cuda_is_deterministic():
-    require_backend("cuda")
+    require_cuda_build()
     case = _to_gpu(make_case(*PRESETS["ade20k"], dtype=torch.float32, seed=42))
 
     def run():
@@ -244,7 +255,7 @@ def _head_step(x: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor) 
 def test_gpu_head_step_cuda_triton_reference(dtype, record_property):
     """A Cityscapes-sized head step (SPEC §7) per backend: cuda and triton agree with the
     reference on the loss and dx, and their times are reported."""
-    require_backend("cuda")
+    require_cuda_build()
     case = make_case(65_536, 720, 19, 10, dtype=dtype, seed=7)
     x, prototypes, labels = case.x.cuda(), case.prototypes.cuda(), case.labels.cuda()
     times, losses, grads = {}, {}, {}
