@@ -5,15 +5,16 @@ flags as the extension build (no GPU needed); every kernel entry, i.e. every tem
 instantiation, becomes one row: registers per thread, spill stores + loads (bytes),
 stack frame and static shared memory (bytes). Zero spills is the bar.
 
-    python benchmarks/kernel_report_cuda.py [--targets 80,90]
+    python -m benchmarks.kernel_report_cuda [--targets 80,90]
 
-also runs standalone; ``benchmarks/kernel_report.py`` collects these rows with the
-Triton kernels' through :func:`collect`.
+prints these rows alone; ``python -m benchmarks.kernel_report`` (run by ``make test``)
+collects them with the Triton kernels' through :func:`collect`.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import re
 import shutil
@@ -51,7 +52,8 @@ def compile_flags() -> list[str]:
     import torch
     from torch.utils import cpp_extension
 
-    includes = [str(CSRC), *cpp_extension.include_paths("cuda"), sysconfig.get_paths()["include"]]
+    # torch's headers (nvcc adds the toolkit's own), the sources, Python's.
+    includes = [str(CSRC), *cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     common = list(getattr(cpp_extension, "COMMON_NVCC_FLAGS", []))
     return NVCC_FLAGS + common + [abi] + [f"-I{path}" for path in includes]
@@ -138,7 +140,8 @@ def collect(presets: dict | None = None, capabilities: list[int] | tuple[int, ..
     with tempfile.TemporaryDirectory() as scratch, ThreadPoolExecutor(max_workers=jobs) as pool:
         logs = list(pool.map(lambda job: _compile(nvcc, flags, job[0], job[1], Path(scratch)),
                              [(s, c) for s in sources for c in capabilities]))
-    entries = [entry for log in logs for entry in parse_ptxas(log)]
+    # Kernels defined in shared headers are compiled into several files: report each once.
+    entries = list({(e["mangled"], e["target"]): e for log in logs for e in parse_ptxas(log)}.values())
     rows = []
     for entry, demangled in zip(entries, _demangle([e["mangled"] for e in entries])):
         kernel, element = describe(demangled)
@@ -151,20 +154,19 @@ def collect(presets: dict | None = None, capabilities: list[int] | tuple[int, ..
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The CUDA part of the kernel report alone."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--targets", default="80,90", help="compute capabilities, comma-separated (default 80,90)")
     args = parser.parse_args(argv)
     rows = collect(None, [int(t) for t in args.targets.split(",") if t.strip()])
+    report = importlib.import_module(f"{__package__}.kernel_report" if __package__ else "kernel_report")
     problems = [r for r in rows if r.get("problem")]
-    rows = [r for r in rows if not r.get("problem")]
-    columns = ("kernel", "config", "target", "registers", "spills", "stack", "shared")
-    widths = [max([len(c)] + [len(str(r[c])) for r in rows]) for c in columns]
-    for values in [columns, *[[str(r[c]) for c in columns] for r in rows]]:
-        print("  ".join(str(v).ljust(w) for v, w in zip(values, widths)))
+    kernels = [r for r in rows if not r.get("problem")]
+    print(report.format_table(kernels))
     for row in problems:
-        print(f"PROBLEM: {row['kernel']}: {row['problem']}")
-    spilling = [r for r in rows if r["spills"]]
-    print(f"{len(rows)} CUDA kernels, {len(spilling)} spilling")
+        print(f"PROBLEM: {row['kernel']} [{row['config']}] on {row['target']}: {row['problem']}")
+    spilling = [r for r in kernels if r["spills"]]
+    print(f"{len(kernels)} CUDA kernels, {len(spilling)} spilling, {len(problems)} problems")
     return 1 if spilling or problems else 0
 
 

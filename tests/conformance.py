@@ -48,7 +48,7 @@ def _upstream(shape: tuple[int, ...], seed: int, device: torch.device) -> Tensor
 
 
 def _grads(outputs: list[Tensor], weights: list[Tensor], inputs: list[Tensor]) -> list[Tensor | None]:
-    loss = sum((o.to(F64) * w.to(o.device)).sum() for o, w in zip(outputs, weights))
+    loss = sum((o.to(F64) * w).sum() for o, w in zip(outputs, weights))
     return list(torch.autograd.grad(loss, inputs, allow_unused=True))
 
 

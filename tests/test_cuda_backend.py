@@ -22,8 +22,8 @@ from conformance import (
     check_sinkhorn_assign,
     check_update_prototypes,
 )
-from conftest import require_backend
-from helpers import RAGGED_SHAPES, Case, assert_close, make_case
+from conftest import _required_backends, require_backend
+from helpers import RAGGED_SHAPES, Case, assert_bitwise_equal, assert_close, make_case
 
 import protoseg_kernels as pk
 from protoseg_kernels._backend import unavailable_reason
@@ -36,14 +36,25 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 
 # ---- the real extension ------------------------------------------------------------
 
+def require_cuda_build() -> None:
+    """Skip (or fail, when PROTOSEG_REQUIRE_BACKENDS names cuda) unless the extension was
+    built with the CUDA kernels; unlike require_backend, no GPU is needed."""
+    reason = unavailable_reason("cuda")
+    if reason is None:
+        return
+    if "cuda" in _required_backends():
+        pytest.fail(f"backend 'cuda' is required by PROTOSEG_REQUIRE_BACKENDS but unavailable: {reason}")
+    pytest.skip(f"backend 'cuda' unavailable: {reason}")
+
+
 def test_real_extension_registers_a_cuda_kernel_for_every_schema():
-    require_backend("cuda")
+    require_cuda_build()
     missing = [k for k in KERNEL_NAMES if not has_kernel("protoseg", k, "CUDA")]
     assert not missing, f"no CUDA kernel registered for {missing}"
 
 
 def test_real_extension_was_compiled_for_sm80_and_sm90():
-    require_backend("cuda")
+    require_cuda_build()
     info = build_info()
     archs = {arch.strip().removesuffix("+PTX") for arch in info["cuda_archs"].replace(",", ";").split(";")}
     assert info["cuda_kernels"] and {"8.0", "9.0"} <= archs, f"built for {info['cuda_archs']!r}"
@@ -136,30 +147,93 @@ def test_emulated_kernels_never_allocate_n_c_k():
     assert largest < ck_bytes // 4, f"largest allocation {largest} B vs N·C·K = {ck_bytes} B"
 
 
+# ---- the kernel report's parsing (make kernel-report compiles) ------------------------
+
+PTXAS_LOG = """\
+ptxas info    : 28 bytes gmem
+ptxas info    : Compiling entry function '_Z6kernelIfEvPT_' for 'sm_90'
+ptxas info    : Function properties for _Z6kernelIfEvPT_
+    8 bytes stack frame, 12 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 96 registers, used 1 barriers, 41600 bytes smem, 472 bytes cmem[0]
+ptxas info    : Function properties for _Z6helperv
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Compiling entry function '_Z4scanPKl' for 'sm_90'
+ptxas info    : Function properties for _Z4scanPKl
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 36 registers, used 0 barriers, 384 bytes cmem[0]
+"""
+
+
+def test_kernel_report_parses_ptxas_and_names_kernels():
+    from benchmarks import kernel_report_cuda as report
+
+    rows = report.parse_ptxas(PTXAS_LOG)
+    assert [(r["mangled"], r["registers"], r["spills"], r["stack"], r["shared"]) for r in rows] == [
+        ("_Z6kernelIfEvPT_", 96, 16, 8, 41600), ("_Z4scanPKl", 36, 0, 0, 0)]
+    demangled = ("void protoseg::cuda::grad_p_kernel<__nv_bfloat16, float, protoseg::cuda::(anonymous namespace)"
+                 "::PpcPpdGradient<float>>(protoseg::cuda::SimilarityOperands<__nv_bfloat16, float>, long)")
+    assert report.describe(demangled) == ("grad_p_kernel<PpcPpdGradient>", "bf16")
+    assert report.describe("protoseg::cuda::(anonymous namespace)::scan_kernel(long const*)") == ("scan_kernel", "-")
+
+
 # ---- on a GPU ------------------------------------------------------------------------
 
 def _to_gpu(case: Case) -> Case:
     return Case(*(t.cuda() for t in (case.x, case.prototypes, case.labels, case.target, case.index)))
 
 
-def _gpu_backends() -> list[str]:
-    return ["cuda"] + (["triton"] if unavailable_reason("triton") is None else [])
+def _check_every_op(case: Case, dtype: torch.dtype, prototype_grad: bool) -> None:
+    check_prototype_similarity("cuda", case, dtype)
+    for reduction, lse_temperature in (("max", None), ("max", 0.1), ("logsumexp", 0.1)):
+        check_class_scores("cuda", case, dtype, reduction=reduction, lse_temperature=lse_temperature,
+                           prototype_grad=prototype_grad)
+    check_ppc_ppd_loss("cuda", case, dtype, prototype_grad=prototype_grad)
+    check_sinkhorn_assign("cuda", case, dtype)
+    check_update_prototypes("cuda", case, dtype)
 
 
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gpu_kernels_match_reference(dtype):
-    require_backend("cuda")
-    for backend in _gpu_backends():
-        for i, shape in enumerate(RAGGED_SHAPES):
-            case = _to_gpu(make_case(*shape, seed=40 + i))
-            check_prototype_similarity(backend, case, dtype)
-            for reduction, lse_temperature in (("max", 0.1), ("logsumexp", None)):
-                check_class_scores(backend, case, dtype, reduction=reduction, lse_temperature=lse_temperature,
-                                   prototype_grad=i % 2 == 0)
-            check_ppc_ppd_loss(backend, case, dtype)
-            check_sinkhorn_assign(backend, case, dtype)
-            check_update_prototypes(backend, case, dtype)
+@pytest.mark.parametrize("shape", RAGGED_SHAPES, ids=str)
+def test_gpu_cuda_matches_reference(shape, dtype):
+    require_cuda_build()
+    _check_every_op(_to_gpu(make_case(*shape, seed=40)), dtype, prototype_grad=shape[3] != 1)
+
+
+# SPEC §7 presets with N scaled by 1/4 (the reference materialises N·C·K in float64).
+PRESETS = {"cityscapes": (16_384, 720, 19, 10), "ade20k": (8_192, 720, 150, 10)}
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_gpu_cuda_matches_reference_at_presets(preset, dtype):
+    require_cuda_build()
+    _check_every_op(_to_gpu(make_case(*PRESETS[preset], seed=41)), dtype, prototype_grad=True)
+
+
+@needs_gpu
+def test_gpu_cuda_is_deterministic():
+    require_cuda_build()
+    case = _to_gpu(make_case(*PRESETS["ade20k"], dtype=torch.float32, seed=42))
+
+    def run():
+        x = case.x.clone().requires_grad_()
+        p = case.prototypes.clone().requires_grad_()
+        with pk.use_backend("cuda"):
+            out = pk.class_scores(x, p, return_index=True, lse_temperature=0.1)
+            ppc, ppd = pk.ppc_ppd_loss(x, p, case.target)
+            (out.scores.sum() + out.lse.sum() + ppc + ppd).backward()
+            sk = pk.sinkhorn_assign(case.x, case.prototypes, case.labels, return_q=True)
+            up = pk.update_prototypes(case.prototypes, case.x, case.labels, sk.index)
+        return out.scores, out.index, out.lse, x.grad, p.grad, sk.q, up.prototypes
+
+    for a, b in zip(run(), run()):
+        assert_bitwise_equal(a, b)
+
+
+def _gpu_backends() -> list[str]:
+    return ["cuda"] + (["triton"] if unavailable_reason("triton") is None else [])
 
 
 def _head_step(x: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -178,12 +252,13 @@ def _head_step(x: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor) 
 
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_gpu_head_step_timing(dtype, record_property):
-    """Times a Cityscapes-sized head step (SPEC §7 preset) per backend; the losses agree."""
-    require_backend("cuda")
+def test_gpu_head_step_cuda_triton_reference(dtype, record_property):
+    """A Cityscapes-sized head step (SPEC §7) per backend: cuda and triton agree with the
+    reference on the loss and dx, and their times are reported."""
+    require_cuda_build()
     case = make_case(65_536, 720, 19, 10, dtype=dtype, seed=7)
     x, prototypes, labels = case.x.cuda(), case.prototypes.cuda(), case.labels.cuda()
-    times, losses = {}, {}
+    times, losses, grads = {}, {}, {}
     for backend in _gpu_backends() + ["reference"]:
         with pk.use_backend(backend):
             samples = []
@@ -194,9 +269,11 @@ def test_gpu_head_step_timing(dtype, record_property):
                 losses[backend] = _head_step(leaf, prototypes, labels)
                 torch.cuda.synchronize()
                 samples.append(time.perf_counter() - start)
+                grads[backend] = leaf.grad
         times[backend] = statistics.median(samples[1:])  # the first run compiles and warms up
         record_property(f"{backend}_ms", round(times[backend] * 1e3, 3))
     print("\n" + "  ".join(f"{name}: {t * 1e3:.2f} ms" for name, t in times.items()))
     tolerance = 1e-4 if dtype == torch.float32 else 2e-2
     for backend in _gpu_backends():
         assert_close(losses[backend].float(), losses["reference"].float(), tolerance, f"{backend} loss")
+        assert_close(grads[backend].float(), grads["reference"].float(), tolerance, f"{backend} dx")
