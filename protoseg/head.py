@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 import protoseg_kernels as pk
 
+from .contrast import contrast_losses
 from .labels import check_labels, downsample_labels
 
 ASSIGNMENTS = ("argmax", "gumbel")
@@ -264,10 +265,5 @@ class ProtoSegHead(nn.Module):
 
     def _contrast_losses(self, x: Tensor, prototypes: Tensor, lse: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         """PPC and PPD averaged over labelled pixels (0 with zero gradient if none)."""
-        labelled = target >= 0
-        flat = prototypes.reshape(-1, self.embed_dim).to(lse.dtype)
-        target_similarity = (x.to(lse.dtype) * flat[target.clamp_min(0)]).sum(dim=1)
-        ppc = torch.where(labelled, lse - target_similarity / self.temperature, 0.0)
-        ppd = torch.where(labelled, (1.0 - target_similarity) ** 2, 0.0)
-        count = labelled.sum().clamp_min(1).to(lse.dtype)
-        return ppc.sum() / count, ppd.sum() / count
+        flat = prototypes.reshape(-1, self.embed_dim)
+        return contrast_losses(x, flat, lse, target, self.temperature, normalize=False)

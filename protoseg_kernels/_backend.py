@@ -8,10 +8,15 @@ A backend is a module implementing the kernel contract of
 * ``device_reason(device) -> str | None``: why it cannot serve tensors on
   ``device``; ``None`` if it can.
 
+and optionally ``dtype_reason(dtype) -> str | None`` when it serves only some
+floating dtypes (triton: no float64).
+
 Selection: ``use_backend(name)`` (innermost wins) overrides the environment
 variable ``PROTOSEG_BACKEND``, which overrides ``"auto"``. ``auto`` picks, for
 CUDA tensors, triton, else cuda, else reference; for CPU tensors, cpu, else
-reference. A backend named explicitly that cannot serve raises ``RuntimeError``.
+reference; skipping a backend that does not compute in the inputs' dtype (float64
+CUDA tensors go to cuda). A backend named explicitly that cannot serve the device
+raises ``RuntimeError``; one that cannot take the dtype, the op's ``TypeError``.
 """
 
 from __future__ import annotations
@@ -107,12 +112,20 @@ def _serving_reason(name: str, device: torch.device) -> str | None:
     return reason if module is None else module.device_reason(device)
 
 
+def _dtype_reason(name: str, dtype_name: str) -> str | None:
+    module, reason = _load(name)
+    if module is None:
+        return reason
+    check = getattr(module, "dtype_reason", None)
+    return None if check is None else check(getattr(torch, dtype_name))
+
+
 @torch.compiler.assume_constant_result
-def _resolve(requested: str, device_type: str, device_index: int) -> str:
+def _resolve(requested: str, device_type: str, device_index: int, dtype_name: str) -> str:
     device = torch.device(device_type, device_index) if device_index >= 0 else torch.device(device_type)
     if requested == AUTO:
         for name in _AUTO_ORDER.get(device_type, ("reference",)):
-            if _serving_reason(name, device) is None:
+            if _serving_reason(name, device) is None and _dtype_reason(name, dtype_name) is None:
                 return name
         return "reference"
     reason = _serving_reason(requested, device)
@@ -121,10 +134,10 @@ def _resolve(requested: str, device_type: str, device_index: int) -> str:
     return requested
 
 
-def resolve_backend(device: torch.device) -> str:
-    """The concrete backend to run an op on tensors of ``device``."""
+def resolve_backend(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """The concrete backend to run an op on ``dtype`` tensors of ``device``."""
     index = -1 if device.index is None else device.index
-    return _resolve(requested_backend(), device.type, index)
+    return _resolve(requested_backend(), device.type, index, str(dtype).removeprefix("torch."))
 
 
 def get_backend(name: str) -> ModuleType:

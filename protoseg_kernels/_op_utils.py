@@ -22,6 +22,12 @@ def prototype_grad_or_none(grad: Tensor, needed: bool) -> Tensor | None:
     return grad if needed else None
 
 
+def fake_similarity_grads(x: Tensor, prototypes: Tensor, need_prototype_grad: bool) -> tuple[Tensor, Tensor]:
+    """Fake (meta) outputs of every backward op: dx like x, dP like prototypes or empty."""
+    grad_p = torch.empty_like(prototypes) if need_prototype_grad else prototypes.new_empty(0)
+    return torch.empty_like(x), grad_p
+
+
 def keep_ungiven_grads_none(ctx: object) -> None:
     """Ask autograd to pass ``None`` (not zeros) for outputs that got no gradient,
     so a backward kernel can skip the work for them."""

@@ -32,6 +32,7 @@ from ._checks import (
 )
 from ._op_utils import (
     compute_dtype,
+    fake_similarity_grads,
     keep_ungiven_grads_none,
     or_empty,
     prototype_grad_or_none,
@@ -94,8 +95,7 @@ def _class_scores_backward_op(
 @_class_scores_backward_op.register_fake
 def _(grad_scores, grad_lse, x, prototypes, index, lse, normalize, reduction, temperature,
       lse_temperature, need_prototype_grad, backend):
-    grad_p = torch.empty_like(prototypes) if need_prototype_grad else prototypes.new_empty(0)
-    return torch.empty_like(x), grad_p
+    return fake_similarity_grads(x, prototypes, need_prototype_grad)
 
 
 def _setup_context(ctx, inputs, output):
@@ -159,7 +159,7 @@ def class_scores(
         lse_temperature = check_positive_finite(OP, "lse_temperature", lse_temperature)
     scores, index, lse = _class_scores_op(
         x, prototypes, normalize, reduction, temperature, lse_temperature,
-        resolve_backend(x.device),
+        resolve_backend(x.device, x.dtype),
     )
     if lse_temperature is None:
         return ScoresWithIndex(scores, index) if return_index else scores

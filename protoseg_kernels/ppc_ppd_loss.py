@@ -29,7 +29,13 @@ from ._checks import (
     sanitize_index,
     valid_index_mask,
 )
-from ._op_utils import compute_dtype, keep_ungiven_grads_none, or_empty, prototype_grad_or_none
+from ._op_utils import (
+    compute_dtype,
+    fake_similarity_grads,
+    keep_ungiven_grads_none,
+    or_empty,
+    prototype_grad_or_none,
+)
 
 OP = "ppc_ppd_loss"
 REDUCTIONS = ("mean", "sum", "none")
@@ -75,8 +81,7 @@ def _ppc_ppd_backward_op(
 @_ppc_ppd_backward_op.register_fake
 def _(grad_ppc, grad_ppd, x, prototypes, target, lse, normalize, temperature, ignore_index,
       need_prototype_grad, backend):
-    grad_p = torch.empty_like(prototypes) if need_prototype_grad else prototypes.new_empty(0)
-    return torch.empty_like(x), grad_p
+    return fake_similarity_grads(x, prototypes, need_prototype_grad)
 
 
 def _setup_context(ctx, inputs, output):
@@ -150,7 +155,7 @@ def ppc_ppd_loss(
     validate = check_bool(OP, "validate", validate)
     ppc, ppd, _ = _ppc_ppd_op(
         x, prototypes, target, normalize, temperature, ignore_index, validate,
-        resolve_backend(x.device),
+        resolve_backend(x.device, x.dtype),
     )
     valid = valid_index_mask(target, prototypes.shape[0] * prototypes.shape[1], ignore_index)
     return PpcPpdLoss(_reduce(ppc, valid, reduction), _reduce(ppd, valid, reduction))

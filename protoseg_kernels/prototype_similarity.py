@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ._backend import get_backend, resolve_backend
 from ._checks import check_bool, check_features_and_prototypes
-from ._op_utils import or_empty, prototype_grad_or_none
+from ._op_utils import fake_similarity_grads, or_empty, prototype_grad_or_none
 
 OP = "prototype_similarity"
 
@@ -41,8 +41,7 @@ def _similarity_backward_op(
 
 @_similarity_backward_op.register_fake
 def _(grad, x, prototypes, normalize, need_prototype_grad, backend):
-    grad_p = torch.empty_like(prototypes) if need_prototype_grad else prototypes.new_empty(0)
-    return torch.empty_like(x), grad_p
+    return fake_similarity_grads(x, prototypes, need_prototype_grad)
 
 
 def _setup_context(ctx, inputs, output):
@@ -78,4 +77,4 @@ def prototype_similarity(x: Tensor, prototypes: Tensor, *, normalize: bool = Tru
     """
     x, prototypes = check_features_and_prototypes(OP, x, prototypes)
     normalize = check_bool(OP, "normalize", normalize)
-    return _similarity_op(x, prototypes, normalize, resolve_backend(x.device))
+    return _similarity_op(x, prototypes, normalize, resolve_backend(x.device, x.dtype))

@@ -96,3 +96,11 @@ def assert_bitwise_equal(a: Tensor | None, b: Tensor | None, what: str = "output
     assert a.dtype == b.dtype and a.shape == b.shape, f"{what}: dtype/shape differ"
     assert torch.equal(a.view(-1).view(torch.uint8) if a.is_floating_point() else a,
                        b.view(-1).view(torch.uint8) if b.is_floating_point() else b), f"{what}: not bitwise identical"
+
+
+def largest_allocation(fn) -> int:
+    """Bytes of the largest single CPU allocation made by any op while ``fn`` runs
+    (including the ops inside our custom ops)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max((e.self_cpu_memory_usage for e in prof.events()), default=0)

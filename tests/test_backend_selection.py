@@ -80,6 +80,21 @@ def test_auto_falls_back_to_reference_when_nothing_else(monkeypatch):
         _backend._load.cache_clear()
 
 
+def test_auto_skips_a_backend_that_cannot_take_the_dtype(monkeypatch):
+    # triton computes in fp16/bf16/fp32 only: auto must pass float64 on to the next backend
+    # (on a GPU, cuda) instead of picking triton and failing. Under the interpreter triton
+    # serves CPU tensors, which lets this run without a GPU.
+    if _backend._serving_reason("triton", torch.device("cpu")) is not None:
+        pytest.skip("needs the triton backend on CPU tensors (TRITON_INTERPRET=1)")
+    monkeypatch.setitem(_backend._AUTO_ORDER, "cpu", ("triton", "reference"))
+    assert _backend.resolve_backend(torch.device("cpu"), torch.float32) == "triton"
+    assert _backend.resolve_backend(torch.device("cpu"), torch.float64) == "reference"
+    x, p = torch.randn(5, 3, dtype=torch.float64), torch.randn(2, 2, 3, dtype=torch.float64)
+    assert pk.class_scores(x, p).dtype == torch.float64
+    with pk.use_backend("triton"), pytest.raises(TypeError, match="float64"):
+        pk.class_scores(x, p)
+
+
 def test_import_without_extension_and_triton():
     # A fresh interpreter in which neither the compiled extension nor triton imports.
     code = (

@@ -22,7 +22,7 @@ import torch
 import protoseg_kernels as pk
 from benchmarks import cli, flops, measure, report
 from benchmarks.baseline import baseline_step
-from benchmarks.head_step import MAX_BLOCKS, _TargetCosine, fused_step
+from benchmarks.head_step import fused_step
 from benchmarks.implementations import BASELINE, FLOOR, usable_backends
 from benchmarks.problems import Problem, make_head_inputs
 from benchmarks.step import HeadConfig, train_step
@@ -66,23 +66,6 @@ def test_gumbel_baseline_keeps_argmax_targets_and_unit_prototypes():
     assert torch.equal(gumbel.target, argmax.target)  # the loss targets are argmax q in both
     assert torch.isfinite(gumbel.loss)
     torch.testing.assert_close(gumbel.prototypes.norm(dim=-1), torch.ones(PROBLEM.c, PROBLEM.k))
-
-
-@pytest.mark.parametrize("n", [1, MAX_BLOCKS + 3, 61])
-def test_target_cosine_matches_autograd_of_normalize(n):
-    g = torch.Generator().manual_seed(n)
-    x = torch.randn(n, 9, generator=g, dtype=torch.float64)
-    x[0] *= 1e-14  # below the clamp of F.normalize: the other branch of the gradient
-    flat = torch.nn.functional.normalize(torch.randn(5, 9, generator=g, dtype=torch.float64), dim=1)
-    target = torch.randint(0, 5, (n,), generator=g)
-    upstream = torch.randn(n, generator=g, dtype=torch.float64)
-    x_ours, x_torch = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ours = _TargetCosine.apply(x_ours, flat, target)
-    expected = (torch.nn.functional.normalize(x_torch, dim=1) * flat[target]).sum(1)
-    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
-    ours.backward(upstream)
-    expected.backward(upstream)
-    torch.testing.assert_close(x_ours.grad, x_torch.grad, rtol=1e-10, atol=1e-10)
 
 
 # ---- measurement primitives --------------------------------------------------

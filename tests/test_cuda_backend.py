@@ -23,7 +23,7 @@ from conformance import (
     check_update_prototypes,
 )
 from conftest import _required_backends, require_backend
-from helpers import RAGGED_SHAPES, Case, assert_bitwise_equal, assert_close, make_case
+from helpers import RAGGED_SHAPES, Case, assert_bitwise_equal, assert_close, largest_allocation, make_case
 
 import protoseg_kernels as pk
 from protoseg_kernels._backend import unavailable_reason
@@ -116,13 +116,6 @@ def test_emulated_half_types_round_like_torch(probe_output):
 
 # ---- memory: never N·C·K -------------------------------------------------------------
 
-def _largest_allocation(fn) -> int:
-    """Bytes of the largest single CPU allocation made while ``fn`` runs."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    return max((e.self_cpu_memory_usage for e in prof.events()), default=0)
-
-
 def test_emulated_kernels_never_allocate_n_c_k():
     require_backend("cuda_emulated")
     # K large enough that the legitimate [N, C] int64 buffers stay well below N·C·K fp32.
@@ -140,9 +133,9 @@ def test_emulated_kernels_never_allocate_n_c_k():
         pk.update_prototypes(case.prototypes, case.x, case.labels, index)
 
     with pk.use_backend("cuda_emulated"):
-        largest = _largest_allocation(head_step)
+        largest = largest_allocation(head_step)
     with pk.use_backend("reference"):
-        reference_largest = _largest_allocation(head_step)
+        reference_largest = largest_allocation(head_step)
     assert reference_largest >= ck_bytes, "the probe does not see the reference's N·C·K tensors"
     assert largest < ck_bytes // 4, f"largest allocation {largest} B vs N·C·K = {ck_bytes} B"
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import require_backend
-from helpers import assert_close, make_case
-from torch.profiler import ProfilerActivity, profile
+from helpers import assert_close, largest_allocation, make_case
 
 import protoseg_kernels as pk
 
@@ -35,14 +34,6 @@ N, D, C, K = 64, 16, 16, 8
 NCK_BYTES = N * C * K * 4
 
 
-def _largest_allocation(fn) -> int:
-    """Bytes of the largest single allocation made by any op while ``fn`` runs
-    (including the ops inside our custom ops)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    return max((e.self_cpu_memory_usage for e in prof.events()), default=0)
-
-
 def _head_ops(backend: str, which: str):
     case = make_case(N, D, C, K, dtype=torch.float32, seed=5)
     x = case.x.clone().requires_grad_()
@@ -66,13 +57,13 @@ def _head_ops(backend: str, which: str):
 
 @pytest.mark.parametrize("which", ["class_scores_max", "class_scores_lse", "ppc_ppd_loss", "sinkhorn_assign"])
 def test_no_allocation_of_n_c_k_size(which):
-    largest = _largest_allocation(_head_ops("triton", which))
+    largest = largest_allocation(_head_ops("triton", which))
     assert largest <= NCK_BYTES // 4, f"{which}: a {largest}-byte allocation (N·C·K fp32 is {NCK_BYTES})"
 
 
 def test_allocation_probe_sees_the_reference_similarity_tensor():
     # The probe must be able to fail: the reference materialises S [N, C·K].
-    assert _largest_allocation(_head_ops("reference", "class_scores_lse")) >= NCK_BYTES
+    assert largest_allocation(_head_ops("reference", "class_scores_lse")) >= NCK_BYTES
 
 
 # ---- indices out of range are never used to address memory (SPEC §5) ---------------
@@ -92,6 +83,29 @@ def test_class_scores_backward_ignores_out_of_range_index():
     dx_ref, dp_ref = kernels.class_scores_backward(dropped, None, x, p, index, lse, True, "max", 1.0, None, True)
     assert_close(dx, dx_ref, 1e-6, "dx")
     assert_close(dp, dp_ref, 1e-6, "dP")
+
+
+def test_sinkhorn_kernels_skip_out_of_range_segments():
+    # The kernels themselves (not only the op's sanitising) treat a class id >= C as
+    # unlabelled: no prototype, β or class-max address is formed from it.
+    kernels = _kernels()
+    case = make_case(37, 10, 3, 4, dtype=torch.float32, seed=9)
+    labels = case.labels.clamp_min(0)
+    bad = labels.clone()
+    bad[::4] = 3 + 10**9
+    dropped = torch.where(bad == labels, labels, -1)
+
+    def run(segment):
+        logits = kernels.sinkhorn_logits(case.x, case.prototypes, segment, True, 0.05)
+        class_max, sum_exp = kernels.sinkhorn_class_logsumexp(logits, segment, 3)
+        beta = -(class_max + sum_exp.log()).nan_to_num(0.0, 0.0, 0.0)
+        marginals = kernels.sinkhorn_marginals(logits, segment, beta)
+        index, q = kernels.sinkhorn_finalize(logits, segment, beta, True)
+        return logits, class_max, sum_exp, marginals, index, q
+
+    for name, out, ref in zip(("logits", "class_max", "sum_exp", "marginals", "index", "q"), run(bad), run(dropped)):
+        assert torch.equal(out, ref), name
+    assert bool((run(bad)[4][::4] == -1).all())
 
 
 def test_validate_false_out_of_range_labels_and_targets():

@@ -34,14 +34,21 @@ else:
     from .update_prototypes import momentum_update, prototype_sums
 
 __all__ = [
-    "class_scores_backward", "class_scores_forward", "device_reason", "momentum_update", "ppc_ppd_backward",
-    "ppc_ppd_forward", "prototype_sums", "similarity_backward", "similarity_forward", "sinkhorn_class_logsumexp",
-    "sinkhorn_finalize", "sinkhorn_logits", "sinkhorn_marginals", "unavailable_reason",
+    "class_scores_backward", "class_scores_forward", "device_reason", "dtype_reason", "momentum_update",
+    "ppc_ppd_backward", "ppc_ppd_forward", "prototype_sums", "similarity_backward", "similarity_forward",
+    "sinkhorn_class_logsumexp", "sinkhorn_finalize", "sinkhorn_logits", "sinkhorn_marginals", "unavailable_reason",
 ]
 
 
 def unavailable_reason() -> str | None:
     return _IMPORT_PROBLEM
+
+
+def dtype_reason(dtype: torch.dtype) -> str | None:
+    """Why the kernels cannot compute in ``dtype``, or None (``auto`` skips the backend then)."""
+    if dtype in (torch.float16, torch.bfloat16, torch.float32):
+        return None
+    return f"the triton backend computes in float16, bfloat16 and float32, not {dtype}"
 
 
 def device_reason(device: torch.device) -> str | None:

@@ -4,6 +4,7 @@ precision, tensor views, and launching (or recording launches for the kernel rep
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,8 +13,16 @@ import torch
 import triton
 from torch import Tensor
 
+
+def _interpreting() -> bool:
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")  # Triton without knobs
+
+
 # The kernels are jitted once, at import: interpreted if TRITON_INTERPRET=1 was set then.
-INTERPRETING: bool = bool(triton.knobs.runtime.interpret)
+INTERPRETING: bool = _interpreting()
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

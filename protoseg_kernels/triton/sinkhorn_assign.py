@@ -30,12 +30,12 @@ CLASS_MAX, SUM_EXP, SUM_SOFTMAX = 0, 1, 2
 
 @triton.jit
 def _own_class_logits_kernel(x_ptr, stride_xn, stride_xd, p_ptr, stride_pj, stride_pd, inv_p_ptr, seg_ptr,
-                             out_ptr, N, D, K, inv_epsilon, NORMALIZE: tl.constexpr, BN: tl.constexpr,
+                             out_ptr, N, C, D, K, inv_epsilon, NORMALIZE: tl.constexpr, BN: tl.constexpr,
                              KP: tl.constexpr, BD: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN).to(tl.int64)
     row_ok = rows < N
     seg = tl.load(seg_ptr + rows, mask=row_ok, other=-1)
-    valid = row_ok & (seg >= 0)
+    valid = row_ok & (seg >= 0) & (seg < C)  # an out-of-range class is never an address
     kk = tl.arange(0, KP)
     ok = valid[:, None] & (kk < K)[None, :]
     j = tl.where(valid, seg, 0)[:, None] * K + kk[None, :]
@@ -100,7 +100,7 @@ def _class_partials_kernel(l_ptr, seg_ptr, aux_ptr, part_ptr, N, C, K, PIXELS, M
         seg = tl.load(seg_ptr + rows, mask=row_ok, other=-1)
         member = seg[:, None] == cls[None, :]  # never for seg = -1
         if tl.max(member.to(tl.int32)) > 0:
-            values = _pixel_values(l_ptr, aux_ptr, rows, seg, row_ok & (seg >= 0), kk, K, MODE)
+            values = _pixel_values(l_ptr, aux_ptr, rows, seg, row_ok & (seg >= 0) & (seg < C), kk, K, MODE)
             if MODE == 0:
                 acc = tl.maximum(acc, tl.max(tl.where(member[:, :, None], values[:, None, :], float("-inf")), axis=0))
             else:
@@ -130,12 +130,12 @@ def _combine_partials_kernel(part_ptr, out_ptr, num_partials, CK, MODE: tl.const
 
 
 @triton.jit
-def _finalize_kernel(l_ptr, seg_ptr, beta_ptr, index_ptr, q_ptr, N, K, WITH_Q: tl.constexpr,
+def _finalize_kernel(l_ptr, seg_ptr, beta_ptr, index_ptr, q_ptr, N, C, K, WITH_Q: tl.constexpr,
                      BN: tl.constexpr, KP: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN).to(tl.int64)
     row_ok = rows < N
     seg = tl.load(seg_ptr + rows, mask=row_ok, other=-1)
-    valid = row_ok & (seg >= 0)
+    valid = row_ok & (seg >= 0) & (seg < C)  # an out-of-range class is never an address
     kk = tl.arange(0, KP)
     ok = valid[:, None] & (kk < K)[None, :]
     logits = tl.load(l_ptr + rows[:, None] * K + kk[None, :], mask=ok, other=0.0)
@@ -156,7 +156,7 @@ def sinkhorn_logits(x: Tensor, prototypes: Tensor, segment: Tensor, normalize: b
     logits = torch.empty(n, k, dtype=torch.float32, device=x.device)
     block_n, k_pad, block_d = own_class_tiles(x.device, k)
     launch(_own_class_logits_kernel, (triton.cdiv(n, block_n),), x, *x.stride(), flat_p, *flat_p.stride(),
-           inverse_norms(flat_p, normalize), segment.contiguous(), logits, n, d, k, 1.0 / epsilon,
+           inverse_norms(flat_p, normalize), segment.contiguous(), logits, n, prototypes.shape[0], d, k, 1.0 / epsilon,
            NORMALIZE=normalize, BN=block_n, KP=k_pad, BD=block_d)
     return logits
 
@@ -192,5 +192,5 @@ def sinkhorn_finalize(logits: Tensor, segment: Tensor, beta: Tensor, return_q: b
     q = torch.empty(n if return_q else 0, k, dtype=torch.float32, device=logits.device)
     block_n = 32 if interpreted(logits.device) else 128
     launch(_finalize_kernel, (triton.cdiv(n, block_n),), logits, segment.contiguous(), beta.contiguous(), index,
-           q, n, k, WITH_Q=return_q, BN=block_n, KP=triton.next_power_of_2(k))
+           q, n, beta.shape[0], k, WITH_Q=return_q, BN=block_n, KP=triton.next_power_of_2(k))
     return index, q if return_q else logits.new_empty(0)
