@@ -4,6 +4,7 @@ Examples::
 
     python -m benchmarks                      # default suite on the GPU if any, else CPU
     python -m benchmarks --suite full --device cuda --dtype bfloat16
+    python -m benchmarks --suite memory       # head step at the per-GPU N (memory ratios)
     python -m benchmarks --suite smoke --out /tmp/bench --no-compile
 """
 
@@ -21,7 +22,6 @@ from typing import Any
 import torch
 
 from . import implementations, jobs, plots, report
-from .problems import CPU_SCALE_DOWN
 from .suite import SUITES, SWEEP_PRESET, build_suite
 from .worker import DTYPES, Job
 
@@ -34,7 +34,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default: benchmarks/results/<device>)")
+                        help="output folder (default: benchmarks/results/<device>[-<suite>])")
     parser.add_argument("--tf32", action="store_true", help="CUDA: fp32 matmuls in TF32 (default: off, as torch)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the baseline")
     parser.add_argument("--no-plots", action="store_true")
@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     suite = build_suite(args.suite, device.type, compile_baseline=not args.no_compile)
     status = implementations.backend_status(device)
     backends = [name for name, reason in status.items() if reason is None]
-    out_dir = args.out or RESULTS_DIR / _device_tag(device)
+    tag = _device_tag(device) + ("" if suite.name == "default" else f"-{suite.name}")
+    out_dir = args.out or RESULTS_DIR / tag
     out_dir.mkdir(parents=True, exist_ok=True)
 
     print(f"protoseg-kernels benchmarks: suite {suite.name!r} on {device.type}, {args.dtype}")
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     targets = report.check_targets(rows, preset_keys)
     head_text = report.render_text(report.HEAD_COLUMNS, report.head_table(rows))
     op_text = report.render_text(report.OP_COLUMNS, report.op_table(rows))
-    scale = "" if device.type == "cuda" else f", N = per-GPU N / {CPU_SCALE_DOWN}"
+    scale = f", N = per-GPU N / {suite.scale_down}" if suite.scale_down not in (None, 1) else ""
     print(f"\nHead step: forward + Sinkhorn + update + backward ({device.type}, {args.dtype}{scale})")
     print(head_text)
     print("\nPer op")
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "device": device.type,
             "dtype": args.dtype,
             "tf32": args.tf32 if device.type == "cuda" else None,
-            "cpu_scale_down": None if device.type == "cuda" else CPU_SCALE_DOWN,
+            "n_scale_down": suite.scale_down,
             "wall_seconds": round(wall_s, 1),
             "backends": status,
         },

@@ -6,6 +6,10 @@
   pixel count divided by 8, so that the suite fits in a few minutes on 2 cores.
 * ``full``: also the per-op rows at every preset, ``torch.compile`` in the
   sweep, a longer sweep and more timed runs.
+* ``memory``: the head step at the three presets with the per-GPU N of SPEC §7
+  (no scale-down, also on a CPU), baseline and protoseg backends, three timed
+  runs: the memory ratios at the sizes users train at, where the fixed C·K·D
+  buffers (prepared and updated prototypes) no longer weigh 8× more than at N/8.
 * ``smoke``: tiny sizes, two timed runs, one thread and one worker process, for
   the test suite (no RSS column: that needs a process per implementation).
 """
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 from .measure import TimingPlan
 from .problems import CPU_SCALE_DOWN, PRESETS, Problem
 
-SUITES = ("default", "full", "smoke")
+SUITES = ("default", "full", "memory", "smoke")
 SWEEP_PRESET = "ade20k"
 TINY = Problem("tiny", n=256, d=32, c=6, k=3)
 
@@ -33,6 +37,7 @@ class Suite:
     compile_sweep: bool
     isolate: bool = True  # each implementation in its own process
     threads: int | None = None  # torch threads in the workers (None: torch's default)
+    scale_down: int | None = 1  # preset N = per-GPU N / scale_down (None: not the presets)
 
 
 def _preset_problems(scale_down: int) -> tuple[Problem, ...]:
@@ -52,7 +57,10 @@ def build_suite(name: str, device_type: str, compile_baseline: bool = True) -> S
     if name == "smoke":
         plan = TimingPlan(warmup=1, min_runs=2, max_runs=2, target_seconds=0.0)
         return Suite(name, (TINY,), (TINY.with_n(128), TINY), (TINY,), plan, compile_baseline, False,
-                     isolate=False, threads=1)
+                     isolate=False, threads=1, scale_down=None)
+    if name == "memory":
+        plan = TimingPlan(warmup=1, min_runs=3, max_runs=3, target_seconds=0.0)
+        return Suite(name, _preset_problems(1), (), (), plan, False, False)
     gpu = device_type == "cuda"
     scale_down = 1 if gpu else CPU_SCALE_DOWN
     presets = _preset_problems(scale_down)
@@ -62,8 +70,8 @@ def build_suite(name: str, device_type: str, compile_baseline: bool = True) -> S
             TimingPlan(warmup=2, min_runs=5, max_runs=15, target_seconds=2.0)
         sweep = _sweep(scale_down, (1, 2, 4, 8))
         ops = presets if gpu else (ade20k,)
-        return Suite(name, presets, sweep, ops, plan, compile_baseline, False)
+        return Suite(name, presets, sweep, ops, plan, compile_baseline, False, scale_down=scale_down)
     plan = TimingPlan(warmup=10, min_runs=50, max_runs=500, target_seconds=3.0) if gpu else \
         TimingPlan(warmup=3, min_runs=10, max_runs=30, target_seconds=5.0)
     sweep = _sweep(scale_down, (1, 2, 4, 8, 16))
-    return Suite(name, presets, sweep, presets, plan, compile_baseline, compile_baseline)
+    return Suite(name, presets, sweep, presets, plan, compile_baseline, compile_baseline, scale_down=scale_down)

@@ -186,11 +186,28 @@ def test_smoke_suite_rows_are_well_formed(smoke_run):
             assert r["speedup"] == 1.0 and r["memory_vs_baseline"] == 1.0
             labels = make_head_inputs(p).labels
             assert r["host_syncs"] >= labels[labels >= 0].unique().numel()  # the class loop
-        elif r["impl"] != "reference":
-            assert r["host_syncs"] == 0
+        else:  # every protoseg backend, the reference included
+            assert r["host_syncs"] == 0, r["impl"]
     ops = {(r["op"], r["mode"], r["impl"]) for r in rows if r["group"] == "ops"}
     for impl in [BASELINE, *CPU_BACKENDS]:
         for op, modes in (("class_scores", 3), ("ppc_ppd_loss", 3), ("sinkhorn_assign", 1),
                           ("update_prototypes", 1)):
             assert sum((op, m, impl) in ops for m in ("fwd", "bwd", "fwd+bwd")) == modes
     assert any(t["target"] == "host syncs per step" for t in document["targets"])
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_suites_size_the_presets(device):
+    from benchmarks.problems import CPU_SCALE_DOWN, PRESETS
+    from benchmarks.suite import build_suite
+
+    per_gpu = {name: p.n_gpu for name, p in PRESETS.items()}
+    default = build_suite("default", device)
+    scale = CPU_SCALE_DOWN if device == "cpu" else 1
+    assert default.scale_down == scale
+    assert {p.name: p.n for p in default.presets} == {k: n // scale for k, n in per_gpu.items()}
+    memory = build_suite("memory", device)  # the per-GPU N, head step only, no torch.compile
+    assert memory.scale_down == 1 and {p.name: p.n for p in memory.presets} == per_gpu
+    assert not memory.sweep and not memory.ops and not memory.compile_presets
+    with pytest.raises(ValueError, match="suite must be one of"):
+        build_suite("huge", device)

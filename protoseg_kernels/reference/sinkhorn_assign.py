@@ -7,16 +7,18 @@ Segmented reductions over the pixels of each class are one-hot matmuls
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import flat_similarity
 
 
 def _one_hot(segment: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
-    """[N, C] membership matrix; all-zero rows for ignored pixels (segment -1)."""
-    valid = (segment >= 0).unsqueeze(1)
-    return F.one_hot(segment.clamp_min(0), num_classes).to(dtype) * valid
+    """[N, C] membership matrix; all-zero rows for ignored pixels (segment -1).
+
+    A comparison rather than F.one_hot, which reads the indices' range on the host
+    (a synchronisation on a GPU)."""
+    classes = torch.arange(num_classes, device=segment.device)
+    return (segment.unsqueeze(1) == classes).to(dtype)
 
 
 def _per_pixel_beta(beta: Tensor, segment: Tensor) -> Tensor:
