@@ -1,4 +1,4 @@
-"""The roofline argument for a GPU: FLOPs and bytes moved per head step.
+"""The roofline argument for a GPU: FLOPs and bytes moved per head step, and per op.
 
 ``python -m benchmarks.roofline`` prints, for each SPEC §7 preset at its per-GPU
 N, the GEMM FLOPs and a byte count of the naive step and of the fused step, and
@@ -6,6 +6,9 @@ the lower bounds they give on an H100 (SXM, dense peaks). It is a model, not a
 measurement: every tensor pass is listed below, so it can be checked and
 changed. The benchmark's measured ``allocated_bytes`` (bytes allocated per step,
 each written at least once) is a lower bound to compare it with.
+``python -m benchmarks.roofline --ops [--preset ade20k] [--passes]`` prints the
+per-op roofline of the Triton backend (:mod:`benchmarks.roofline_ops`; ``--passes``
+lists every pass of every row with its bytes).
 
 Per step, with e the element size of x and of the similarity tensors:
 
@@ -21,8 +24,11 @@ Per step, with e the element size of x and of the similarity tensors:
   max) and the naive loop's per-class label scans (C passes over N labels).
 """
 
+
 from __future__ import annotations
 
+import argparse
+import sys
 from dataclasses import dataclass
 
 from .flops import similarity_flops, sinkhorn_flops
@@ -70,9 +76,10 @@ class Gpu:
     tf32_tflops: float
     bf16_tflops: float
     bandwidth_tbs: float
+    fp32_tflops: float = 0.0  # CUDA cores (FMA), no tensor cores
 
 
-H100_SXM = Gpu("H100 SXM", tf32_tflops=494.7, bf16_tflops=989.4, bandwidth_tbs=3.35)
+H100_SXM = Gpu("H100 SXM", tf32_tflops=494.7, bf16_tflops=989.4, bandwidth_tbs=3.35, fp32_tflops=66.9)
 
 
 def naive_bytes(p: Problem, element: int) -> int:
@@ -124,5 +131,25 @@ def table(gpu: Gpu = H100_SXM) -> str:
     return "\n".join(lines)
 
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Roofline model of the ProtoSeg head step (default) or of each op.")
+    parser.add_argument("--ops", action="store_true", help="per-op roofline of the Triton backend at one preset")
+    parser.add_argument("--preset", choices=list(PRESETS), default="ade20k", help="preset of --ops (per-GPU N)")
+    parser.add_argument("--passes", action="store_true", help="with --ops: list every pass of every row")
+    args = parser.parse_args(argv)
+    if not args.ops:
+        print(table())
+        return 0
+    from .roofline_ops import ops_table, passes_listing, triton_tiles
+
+    preset = PRESETS[args.preset]
+    tiles = triton_tiles(preset.problem(preset.n_gpu))
+    print(ops_table(preset, tiles=tiles))
+    if args.passes:
+        print(passes_listing(preset, tiles))
+    return 0
+
+
 if __name__ == "__main__":
-    print(table())
+    sys.exit(main())
