@@ -71,7 +71,7 @@ def assert_close(out: Tensor, ref: Tensor, tol: float, what: str = "output") -> 
 
 
 def max_abs_difference(a: Tensor, b: Tensor) -> float:
-    return float((a.to(F64) - b.to(F64)).abs().amax()) if a.numel() else 0.0
+    return float((a.detach().to(F64) - b.detach().to(F64)).abs().amax()) if a.numel() else 0.0
 
 
 def top2_gap(values: Tensor) -> Tensor:
