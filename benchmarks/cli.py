@@ -5,7 +5,7 @@ Examples::
     python -m benchmarks                      # default suite on the GPU if any, else CPU
     python -m benchmarks --suite full --device cuda --dtype bfloat16
     python -m benchmarks --suite memory       # head step at the per-GPU N (memory ratios)
-    python -m benchmarks --suite smoke --out /tmp/bench --no-compile
+    python -m benchmarks --suite smoke --out bench-smoke --no-compile
 """
 
 from __future__ import annotations
