@@ -161,7 +161,7 @@ def test_large_unnormalized_logits():
     for name, ref in exact.items():
         bound = 2 * relative_error(plain[name], ref) + 1e-6
         assert relative_error(fused[name], ref) <= bound, name
-    assert torch.isfinite(fused["lse"]).all() and float(fused["lse"].abs().max()) > 1000
+    assert torch.isfinite(fused["lse"]).all() and float(fused["lse"].detach().abs().max()) > 1000
 
     def ppc_and_grads(backend, x, p):
         x = x.clone().requires_grad_()
