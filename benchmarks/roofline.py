@@ -24,7 +24,6 @@ Per step, with e the element size of x and of the similarity tensors:
   max) and the naive loop's per-class label scans (C passes over N labels).
 """
 
-
 from __future__ import annotations
 
 import argparse
@@ -129,7 +128,6 @@ def table(gpu: Gpu = H100_SXM) -> str:
     lines.append(f"{gpu.name}: {gpu.tf32_tflops:g} TFLOP/s TF32, {gpu.bf16_tflops:g} TFLOP/s bf16 (dense), "
                  f"{gpu.bandwidth_tbs:g} TB/s; ridge points {ridge[0]:.0f} and {ridge[1]:.0f} FLOP/byte.")
     return "\n".join(lines)
-
 
 
 def main(argv: list[str] | None = None) -> int:

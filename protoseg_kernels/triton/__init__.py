@@ -26,7 +26,7 @@ except Exception as exc:  # a broken install may fail in any way
     )
 else:
     _IMPORT_PROBLEM = None
-    from ._host import INTERPRETING
+    from ._host import INTERPRETING, SUPPORTED_DTYPES
     from .class_scores import class_scores_backward, class_scores_forward
     from .ppc_ppd_loss import ppc_ppd_backward, ppc_ppd_forward
     from .prototype_similarity import similarity_backward, similarity_forward
@@ -46,7 +46,9 @@ def unavailable_reason() -> str | None:
 
 def dtype_reason(dtype: torch.dtype) -> str | None:
     """Why the kernels cannot compute in ``dtype``, or None (``auto`` skips the backend then)."""
-    if dtype in (torch.float16, torch.bfloat16, torch.float32):
+    if _IMPORT_PROBLEM is not None:
+        return _IMPORT_PROBLEM
+    if dtype in SUPPORTED_DTYPES:
         return None
     return f"the triton backend computes in float16, bfloat16 and float32, not {dtype}"
 
