@@ -1,7 +1,9 @@
-// Kernel schemas of the compiled backends, one per kernel of the contract in
-// protoseg_kernels/_kernel_interface.py (same names, prefixed with '_', same
-// arguments). Registered once per namespace: `protoseg` for the real extension,
-// `protoseg_emulated` for the host-emulation build of the CUDA kernels.
+// The kernel schemas of the compiled backends: the one C++ list of the kernels of the
+// contract in protoseg_kernels/_kernel_interface.py (same names, same arguments), grouped
+// by public op as in the op table protoseg_kernels/_op_table.py
+// (tests/test_op_inventory.py checks that the three agree). Defined once per extension by
+// csrc/ops.cpp, in the namespace of csrc/registration.h; each backend source registers
+// its own implementations.
 #pragma once
 
 #include <torch/library.h>
@@ -9,39 +11,44 @@
 namespace protoseg {
 
 inline void define_kernel_schemas(torch::Library& m) {
-  m.def("_similarity_forward(Tensor x, Tensor prototypes, bool normalize) -> Tensor");
+  // prototype_similarity
+  m.def("similarity_forward(Tensor x, Tensor prototypes, bool normalize) -> Tensor");
   m.def(
-      "_similarity_backward(Tensor grad, Tensor x, Tensor prototypes, bool normalize, "
+      "similarity_backward(Tensor grad, Tensor x, Tensor prototypes, bool normalize, "
       "bool need_prototype_grad) -> (Tensor, Tensor)");
+  // class_scores
   m.def(
-      "_class_scores_forward(Tensor x, Tensor prototypes, bool normalize, str reduction, "
+      "class_scores_forward(Tensor x, Tensor prototypes, bool normalize, str reduction, "
       "float temperature, float? lse_temperature) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "_class_scores_backward(Tensor? grad_scores, Tensor? grad_lse, Tensor x, Tensor prototypes, "
+      "class_scores_backward(Tensor? grad_scores, Tensor? grad_lse, Tensor x, Tensor prototypes, "
       "Tensor index, Tensor lse, bool normalize, str reduction, float temperature, "
       "float? lse_temperature, bool need_prototype_grad) -> (Tensor, Tensor)");
+  // ppc_ppd_loss
   m.def(
-      "_ppc_ppd_forward(Tensor x, Tensor prototypes, Tensor target, bool normalize, "
+      "ppc_ppd_forward(Tensor x, Tensor prototypes, Tensor target, bool normalize, "
       "float temperature) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "_ppc_ppd_backward(Tensor? grad_ppc, Tensor? grad_ppd, Tensor x, Tensor prototypes, "
+      "ppc_ppd_backward(Tensor? grad_ppc, Tensor? grad_ppd, Tensor x, Tensor prototypes, "
       "Tensor target, Tensor lse, bool normalize, float temperature, bool need_prototype_grad) "
       "-> (Tensor, Tensor)");
+  // sinkhorn_assign
   m.def(
-      "_sinkhorn_logits(Tensor x, Tensor prototypes, Tensor segment, bool normalize, "
+      "sinkhorn_logits(Tensor x, Tensor prototypes, Tensor segment, bool normalize, "
       "float epsilon) -> Tensor");
   m.def(
-      "_sinkhorn_class_logsumexp(Tensor logits, Tensor segment, int num_classes) "
+      "sinkhorn_class_logsumexp(Tensor logits, Tensor segment, int num_classes) "
       "-> (Tensor, Tensor)");
-  m.def("_sinkhorn_marginals(Tensor logits, Tensor segment, Tensor beta) -> Tensor");
+  m.def("sinkhorn_marginals(Tensor logits, Tensor segment, Tensor beta) -> Tensor");
   m.def(
-      "_sinkhorn_finalize(Tensor logits, Tensor segment, Tensor beta, bool return_q) "
+      "sinkhorn_finalize(Tensor logits, Tensor segment, Tensor beta, bool return_q) "
+      "-> (Tensor, Tensor)");
+  // update_prototypes
+  m.def(
+      "prototype_sums(Tensor x, Tensor key, int num_prototypes, bool normalize) "
       "-> (Tensor, Tensor)");
   m.def(
-      "_prototype_sums(Tensor x, Tensor key, int num_prototypes, bool normalize) "
-      "-> (Tensor, Tensor)");
-  m.def(
-      "_momentum_update(Tensor prototypes, Tensor sums, Tensor counts, float momentum, "
+      "momentum_update(Tensor prototypes, Tensor sums, Tensor counts, float momentum, "
       "bool normalize) -> Tensor");
 }
 

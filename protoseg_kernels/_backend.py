@@ -1,22 +1,23 @@
 """Backend registry and selection (SPEC §4).
 
-A backend is a module implementing the kernel contract of
-:mod:`protoseg_kernels._kernel_interface` plus two functions:
+A backend is a module implementing kernels of the contract of
+:mod:`protoseg_kernels._kernel_interface`, plus:
 
+* ``IMPLEMENTED`` (:class:`protoseg_kernels._op_table.Implemented`): the ops of the op
+  table it has all the kernels of, each with the input dtypes it computes in, and the
+  ops it has only some kernels of.
 * ``unavailable_reason() -> str | None``: why the backend cannot be used at all
   in this process (missing package or extension), with the fix; ``None`` if usable.
 * ``device_reason(device) -> str | None``: why it cannot serve tensors on
   ``device``; ``None`` if it can.
 
-and optionally ``dtype_reason(dtype) -> str | None`` when it serves only some
-floating dtypes (triton: no float64).
-
 Selection: ``use_backend(name)`` (innermost wins) overrides the environment
 variable ``PROTOSEG_BACKEND``, which overrides ``"auto"``. ``auto`` picks, for
 CUDA tensors, triton, else cuda, else reference; for CPU tensors, cpu, else
-reference; skipping a backend that does not compute in the inputs' dtype (float64
-CUDA tensors go to cuda). A backend named explicitly that cannot serve the device
-raises ``RuntimeError``; one that cannot take the dtype, the op's ``TypeError``.
+reference; always among the backends that implement the op in the inputs' dtype
+(float64 CUDA tensors go to cuda: triton does not compute in float64). A backend
+named explicitly that cannot serve the device or lacks the op raises
+``RuntimeError``; one that implements the op but not in the dtype, ``TypeError``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from collections.abc import Iterator
 from types import ModuleType
 
 import torch
+
+from ._op_table import DTYPE_NAMES, Implemented, get_op
 
 ENV_VAR = "PROTOSEG_BACKEND"
 AUTO = "auto"
@@ -112,32 +115,73 @@ def _serving_reason(name: str, device: torch.device) -> str | None:
     return reason if module is None else module.device_reason(device)
 
 
-def _dtype_reason(name: str, dtype_name: str) -> str | None:
+def implemented(name: str) -> Implemented:
+    """What backend ``name`` declares it implements (nothing when it is unavailable)."""
+    module, _ = _load(name)
+    return Implemented() if module is None else module.IMPLEMENTED
+
+
+def _dtype_list(dtypes: frozenset[torch.dtype]) -> str:
+    return ", ".join(DTYPE_NAMES[d] for d in DTYPE_NAMES if d in dtypes) or "no dtype"
+
+
+def op_reason(name: str, op: str) -> str | None:
+    """Why backend ``name`` does not implement ``op`` (at all, or some kernel is missing), or None."""
     module, reason = _load(name)
     if module is None:
         return reason
-    check = getattr(module, "dtype_reason", None)
-    return None if check is None else check(getattr(torch, dtype_name))
+    if op in module.IMPLEMENTED.dtypes:
+        return None
+    get_op(op)  # an op outside the table is a programming error, not a missing kernel
+    missing = module.IMPLEMENTED.missing.get(op)
+    if missing:
+        return f"the {name} backend lacks the kernel(s) {', '.join(missing)} of {op}"
+    return f"the {name} backend does not implement {op}"
+
+
+def op_dtype_reason(name: str, op: str, dtype: torch.dtype) -> str | None:
+    """Why backend ``name`` cannot compute ``op`` on ``dtype`` inputs (op or dtype), or None."""
+    reason = op_reason(name, op)
+    if reason is not None:
+        return reason
+    dtypes = implemented(name).dtypes[op]
+    if dtype in dtypes:
+        return None
+    return f"the {name} backend computes {op} in {_dtype_list(dtypes)}, not {dtype}"
 
 
 @torch.compiler.assume_constant_result
-def _resolve(requested: str, device_type: str, device_index: int, dtype_name: str) -> str:
+def _resolve(op: str, requested: str, device_type: str, device_index: int, dtype_name: str) -> str:
     device = torch.device(device_type, device_index) if device_index >= 0 else torch.device(device_type)
+    dtype = getattr(torch, dtype_name)
     if requested == AUTO:
         for name in _AUTO_ORDER.get(device_type, ("reference",)):
-            if _serving_reason(name, device) is None and _dtype_reason(name, dtype_name) is None:
+            if _serving_reason(name, device) is None and op_dtype_reason(name, op, dtype) is None:
                 return name
         return "reference"
     reason = _serving_reason(requested, device)
     if reason is not None:
         raise RuntimeError(f"protoseg backend {requested!r} cannot run on {device} tensors: {reason}")
+    reason = op_reason(requested, op)
+    if reason is not None:
+        raise RuntimeError(
+            f"protoseg backend {requested!r} cannot run {op}: {reason}; use backend 'auto' or 'reference'"
+        )
+    reason = op_dtype_reason(requested, op, dtype)
+    if reason is not None:
+        raise TypeError(f"{op}: {reason}; use backend 'auto' (pk.use_backend) to pick one that does")
     return requested
 
 
-def resolve_backend(device: torch.device, dtype: torch.dtype = torch.float32) -> str:
-    """The concrete backend to run an op on ``dtype`` tensors of ``device``."""
+def auto_backend(op: str, device_type: str, dtype: torch.dtype) -> str:
+    """The backend ``auto`` picks for ``op`` on ``dtype`` tensors of device type ``device_type``."""
+    return _resolve(op, AUTO, device_type, -1, str(dtype).removeprefix("torch."))
+
+
+def resolve_backend(op: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """The concrete backend to run public op ``op`` on ``dtype`` tensors of ``device``."""
     index = -1 if device.index is None else device.index
-    return _resolve(requested_backend(), device.type, index, str(dtype).removeprefix("torch."))
+    return _resolve(op, requested_backend(), device.type, index, str(dtype).removeprefix("torch."))
 
 
 def get_backend(name: str) -> ModuleType:

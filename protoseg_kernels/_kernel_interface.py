@@ -1,8 +1,10 @@
-"""The kernel contract every backend implements.
+"""The kernel contract: what each kernel of a backend computes.
 
 The public ops (one module each in this package) validate arguments, register
-with ``torch.library`` and own autograd; a backend only supplies the kernels
-below. Conventions shared by all of them:
+with ``torch.library`` and own autograd; a backend only supplies kernels. Which
+kernels belong to which op is the op table, :mod:`protoseg_kernels._op_table`; a
+backend implements an op by supplying all of that op's kernels below, and declares
+so in ``IMPLEMENTED``. Conventions shared by all of them:
 
 * ``x`` is [N, D], ``prototypes`` is [C, K, D], both of the same floating dtype
   and device. ``normalize=True`` means x̂ = x / max(‖x‖, 1e-12) row-wise and the
@@ -26,8 +28,14 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from ._op_table import Implemented
+
 
 class KernelBackend(Protocol):
+    # The ops it has all the kernels of, with their input dtypes (and the ops it lacks
+    # some kernels of): read by backend selection, the env report and the tests.
+    IMPLEMENTED: Implemented
+
     def unavailable_reason(self) -> str | None: ...
 
     def device_reason(self, device: torch.device) -> str | None: ...

@@ -159,7 +159,7 @@ def class_scores(
         lse_temperature = check_positive_finite(OP, "lse_temperature", lse_temperature)
     scores, index, lse = _class_scores_op(
         x, prototypes, normalize, reduction, temperature, lse_temperature,
-        resolve_backend(x.device, x.dtype),
+        resolve_backend(OP, x.device, x.dtype),
     )
     if lse_temperature is None:
         return ScoresWithIndex(scores, index) if return_index else scores

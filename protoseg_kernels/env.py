@@ -1,7 +1,9 @@
 """Environment report: ``python -m protoseg_kernels.env``.
 
 Prints the versions of Python, torch, triton and CUDA, the build metadata of the
-compiled extension, and for every backend whether it can be used and, if not, why.
+compiled extension, for every backend whether it can be used and, if not, why, and the
+op × backend table: which backend implements which op in which dtypes (or why not), and
+which backend ``auto`` picks for each op per device (SPEC §4).
 """
 
 from __future__ import annotations
@@ -14,8 +16,17 @@ from typing import Any
 import torch
 
 from . import __version__
-from ._backend import BACKEND_NAMES, ENV_VAR, requested_backend, unavailable_reason
+from ._backend import (
+    BACKEND_NAMES,
+    ENV_VAR,
+    auto_backend,
+    implemented,
+    op_reason,
+    requested_backend,
+    unavailable_reason,
+)
 from ._compiled import build_info
+from ._op_table import DTYPE_NAMES, OPS
 
 
 def _triton_version() -> str:
@@ -41,12 +52,56 @@ def collect() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "requested_backend": f"{requested_backend()} (set by use_backend or ${ENV_VAR})",
         "backends": {name: unavailable_reason(name) or "available" for name in BACKEND_NAMES},
+        "ops": op_table(),
         "extension_build": build_info() or "not built",
     }
 
 
+def _served(name: str, op: str) -> str:
+    """The dtypes backend ``name`` computes ``op`` in, or why it does not."""
+    reason = op_reason(name, op)
+    if reason is not None:
+        return f"no: {reason}"
+    dtypes = implemented(name).dtypes[op]
+    return " ".join(short for dtype, short in DTYPE_NAMES.items() if dtype in dtypes)
+
+
+def _auto_choice(op: str, device_type: str) -> str:
+    """The backend auto picks for ``op`` on ``device_type`` tensors, per dtype where it differs."""
+    picks = {short: auto_backend(op, device_type, dtype) for dtype, short in DTYPE_NAMES.items()}
+    common = max(set(picks.values()), key=list(picks.values()).count)
+    others = ", ".join(f"{short}: {name}" for short, name in picks.items() if name != common)
+    return f"{common} ({others})" if others else common
+
+
+def op_table() -> dict[str, dict[str, str]]:
+    """Per op of the table: its spec section, per backend the dtypes it serves (or why
+    not), and auto's choice on CPU tensors (and CUDA tensors, with a GPU)."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    table = {}
+    for op in OPS:
+        row = {"spec": op.spec}
+        row |= {name: _served(name, op.name) for name in BACKEND_NAMES}
+        row |= {f"auto ({device})": _auto_choice(op.name, device) for device in devices}
+        table[op.name] = row
+    return table
+
+
+def _print_op_table(table: dict[str, dict[str, str]]) -> None:
+    """One line per op and backend: unavailable backends say so once, above."""
+    print("op × backend (input dtypes served, or why not):")
+    width = max(len(column) for row in table.values() for column in row)
+    for op, row in table.items():
+        print(f"  {op} ({row['spec']})")
+        for column, text in row.items():
+            if column == "spec" or (column in BACKEND_NAMES and unavailable_reason(column)):
+                continue
+            print(f"    {column:<{width}} {text}")
+
+
 def main() -> None:
     report = collect()
+    ops = report.pop("ops")
     width = max(len(k) for k in report)
     for key, value in report.items():
         if isinstance(value, dict):
@@ -56,6 +111,7 @@ def main() -> None:
                 print(f"  {sub:<{width}} {shown}")
         else:
             print(f"{key:<{width}} {value}")
+    _print_op_table(ops)
 
 
 if __name__ == "__main__":

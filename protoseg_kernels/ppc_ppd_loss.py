@@ -155,7 +155,7 @@ def ppc_ppd_loss(
     validate = check_bool(OP, "validate", validate)
     ppc, ppd, _ = _ppc_ppd_op(
         x, prototypes, target, normalize, temperature, ignore_index, validate,
-        resolve_backend(x.device, x.dtype),
+        resolve_backend(OP, x.device, x.dtype),
     )
     valid = valid_index_mask(target, prototypes.shape[0] * prototypes.shape[1], ignore_index)
     return PpcPpdLoss(_reduce(ppc, valid, reduction), _reduce(ppd, valid, reduction))

@@ -77,4 +77,4 @@ def prototype_similarity(x: Tensor, prototypes: Tensor, *, normalize: bool = Tru
     """
     x, prototypes = check_features_and_prototypes(OP, x, prototypes)
     normalize = check_bool(OP, "normalize", normalize)
-    return _similarity_op(x, prototypes, normalize, resolve_backend(x.device, x.dtype))
+    return _similarity_op(x, prototypes, normalize, resolve_backend(OP, x.device, x.dtype))

@@ -125,7 +125,7 @@ def sinkhorn_assign(
     return_q = check_bool(OP, "return_q", return_q)
     validate = check_bool(OP, "validate", validate)
     x, prototypes = x.detach(), prototypes.detach()
-    backend = resolve_backend(x.device, x.dtype)
+    backend = resolve_backend(OP, x.device, x.dtype)
     if process_group is None:
         index, q = _sinkhorn_op(
             x, prototypes, labels, normalize, epsilon, iterations, ignore_index, return_q,

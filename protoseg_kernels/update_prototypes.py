@@ -133,7 +133,7 @@ def update_prototypes(
     ignore_index = check_int(OP, "ignore_index", ignore_index)
     validate = check_bool(OP, "validate", validate)
     x, prototypes = x.detach(), prototypes.detach()
-    backend = resolve_backend(x.device, torch.promote_types(x.dtype, prototypes.dtype))
+    backend = resolve_backend(OP, x.device, torch.promote_types(x.dtype, prototypes.dtype))
     if process_group is None:
         new, counts = _update_op(
             prototypes, x, labels, index, mask, momentum, normalize, ignore_index, validate,

@@ -7,6 +7,10 @@
 * ``PROTOSEG_REQUIRE_BACKENDS=cpu,triton,...`` (set by ``make test``) turns the
   skip of an unavailable backend into a failure, so CI cannot go green on a
   kernel that was never run.
+* ``fused_backend`` in ``tests/test_<op>.py`` runs only on the backends that implement
+  the op (the op table, protoseg_kernels._op_table); a backend that has only some of the
+  op's kernels fails. That what each backend declares matches its sources is
+  tests/test_op_inventory.py's job.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import protoseg_kernels as pk  # noqa: E402
-from protoseg_kernels._backend import get_backend, unavailable_reason  # noqa: E402
+from protoseg_kernels._backend import get_backend, implemented, op_reason, unavailable_reason  # noqa: E402
+from protoseg_kernels._op_table import OPS_BY_NAME  # noqa: E402
 
 # Backends besides the reference that can run on CPU tensors here; each is compared
 # with the reference by the op test files.
@@ -47,8 +52,19 @@ def _required_backends() -> set[str]:
     return {name.strip() for name in value.split(",") if name.strip()}
 
 
-def require_backend(name: str) -> None:
-    """Skip (or fail, if required) when backend ``name`` cannot run on CPU tensors."""
+def require_backend(name: str, op: str | None = None) -> None:
+    """Skip (or fail, if required) when backend ``name`` cannot run on CPU tensors; with
+    ``op``, also skip when the backend does not implement the op, and fail when it has
+    only some of its kernels."""
+    _require_available(name)
+    if op is None or op_reason(name, op) is None:
+        return
+    if op in implemented(name).missing:
+        pytest.fail(op_reason(name, op))
+    pytest.skip(op_reason(name, op))
+
+
+def _require_available(name: str) -> None:
     reason = unavailable_reason(name)
     if reason is None:
         reason = get_backend(name).device_reason(torch.device("cpu"))
@@ -63,7 +79,9 @@ def require_backend(name: str) -> None:
 
 @pytest.fixture(params=FUSED_CPU_BACKENDS)
 def fused_backend(request) -> str:
-    require_backend(request.param)
+    """A fused backend that runs on CPU tensors here; in tests/test_<op>.py, one that implements <op>."""
+    op = request.module.__name__.removeprefix("test_")
+    require_backend(request.param, op if op in OPS_BY_NAME else None)
     return request.param
 
 

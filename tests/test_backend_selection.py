@@ -7,11 +7,14 @@ import os
 import subprocess
 import sys
 
+import partial_backend
 import pytest
 import torch
+from helpers import make_case
 
 import protoseg_kernels as pk
-from protoseg_kernels import _backend
+from protoseg_kernels import _backend, env
+from protoseg_kernels._op_table import OPS_BY_NAME
 
 
 def test_reference_is_always_available():
@@ -22,7 +25,7 @@ def test_reference_is_always_available():
 def test_auto_on_cpu_prefers_cpu_backend_then_reference():
     expected = "cpu" if "cpu" in pk.available_backends() else "reference"
     with pk.use_backend("auto"):
-        assert _backend.resolve_backend(torch.device("cpu")) == expected
+        assert _backend.resolve_backend("class_scores", torch.device("cpu")) == expected
 
 
 def test_use_backend_nests_and_restores():
@@ -75,7 +78,7 @@ def test_auto_falls_back_to_reference_when_nothing_else(monkeypatch):
     monkeypatch.setitem(_backend._MODULES, "cpu", "protoseg_kernels.no_such_module")
     _backend._load.cache_clear()
     try:
-        assert _backend.resolve_backend(torch.device("cpu")) == "reference"
+        assert _backend.resolve_backend("class_scores", torch.device("cpu")) == "reference"
     finally:
         _backend._load.cache_clear()
 
@@ -87,12 +90,61 @@ def test_auto_skips_a_backend_that_cannot_take_the_dtype(monkeypatch):
     if _backend._serving_reason("triton", torch.device("cpu")) is not None:
         pytest.skip("needs the triton backend on CPU tensors (TRITON_INTERPRET=1)")
     monkeypatch.setitem(_backend._AUTO_ORDER, "cpu", ("triton", "reference"))
-    assert _backend.resolve_backend(torch.device("cpu"), torch.float32) == "triton"
-    assert _backend.resolve_backend(torch.device("cpu"), torch.float64) == "reference"
+    for op in OPS_BY_NAME:
+        assert _backend.resolve_backend(op, torch.device("cpu"), torch.float32) == "triton"
+        assert _backend.resolve_backend(op, torch.device("cpu"), torch.float64) == "reference"
     x, p = torch.randn(5, 3, dtype=torch.float64), torch.randn(2, 2, 3, dtype=torch.float64)
     assert pk.class_scores(x, p).dtype == torch.float64
     with pk.use_backend("triton"), pytest.raises(TypeError, match="float64"):
         pk.class_scores(x, p)
+
+
+@pytest.fixture
+def partial(monkeypatch):
+    """Backend cuda_emulated replaced by tests/partial_backend.py, first in auto's CPU order."""
+    monkeypatch.setitem(_backend._MODULES, "cuda_emulated", "partial_backend")
+    monkeypatch.setitem(_backend._AUTO_ORDER, "cpu", ("cuda_emulated", "reference"))
+    _backend._load.cache_clear()
+    yield "cuda_emulated"
+    _backend._load.cache_clear()
+
+
+def test_auto_picks_only_a_backend_that_implements_the_op_in_the_dtype(partial):
+    cpu = torch.device("cpu")
+    assert _backend.resolve_backend("class_scores", cpu, torch.float32) == partial
+    assert _backend.resolve_backend("class_scores", cpu, torch.float64) == "reference"
+    assert _backend.resolve_backend(partial_backend.NOT_IMPLEMENTED, cpu) == "reference"
+    assert _backend.resolve_backend(partial_backend.PARTIAL, cpu) == "reference"
+    c = make_case(30, 6, 3, 2, dtype=torch.float32, seed=1)
+    assert pk.sinkhorn_assign(c.x, c.prototypes, c.labels).index.shape == (30,)
+
+
+def test_explicit_backend_that_lacks_the_op_or_a_kernel_raises(partial):
+    c = make_case(30, 6, 3, 2, dtype=torch.float32, seed=1)
+    with pk.use_backend(partial):
+        assert pk.class_scores(c.x, c.prototypes).shape == (30, 3)
+        with pytest.raises(RuntimeError, match="'cuda_emulated' cannot run sinkhorn_assign: .*does not implement"):
+            pk.sinkhorn_assign(c.x, c.prototypes, c.labels)
+        with pytest.raises(RuntimeError, match="lacks the kernel.s. momentum_update of update_prototypes"):
+            pk.update_prototypes(c.prototypes, c.x, c.labels, c.index)
+        with pytest.raises(TypeError, match="computes class_scores in fp16, bf16, fp32, not torch.float64"):
+            pk.class_scores(c.x.double(), c.prototypes.double())
+
+
+def test_op_outside_the_table_is_an_error():
+    with pytest.raises(ValueError, match="'no_such_op' is not an op of the table"):
+        _backend.resolve_backend("no_such_op", torch.device("cpu"))
+
+
+def test_env_table_shows_what_each_backend_serves_and_why_not(partial):
+    table = env.op_table()
+    assert set(table) == set(OPS_BY_NAME)
+    assert table["class_scores"]["reference"] == "fp16 bf16 fp32 fp64"
+    assert table["class_scores"][partial] == "fp16 bf16 fp32"
+    assert table["class_scores"]["auto (cpu)"] == f"{partial} (fp64: reference)"
+    assert "does not implement sinkhorn_assign" in table["sinkhorn_assign"][partial]
+    assert table["sinkhorn_assign"]["auto (cpu)"] == "reference"
+    assert "lacks the kernel(s) momentum_update" in table["update_prototypes"][partial]
 
 
 def test_import_without_extension_and_triton():
@@ -119,5 +171,7 @@ def test_import_without_extension_and_triton():
 def test_env_report_runs():
     out = subprocess.run([sys.executable, "-m", "protoseg_kernels.env"], capture_output=True, text=True,
                          check=True).stdout
-    for key in ("torch", "triton", "backends:", "reference", "extension_build"):
+    for key in ("torch", "triton", "backends:", "reference", "extension_build", "op × backend", "auto (cpu)"):
         assert key in out
+    for op in OPS_BY_NAME:
+        assert f"  {op} (SPEC §" in out

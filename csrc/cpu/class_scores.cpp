@@ -15,8 +15,8 @@
 namespace protoseg::cpu {
 namespace {
 
-constexpr const char* kForward = "protoseg::_class_scores_forward";
-constexpr const char* kBackward = "protoseg::_class_scores_backward";
+constexpr const char* kForward = "protoseg_kernels::class_scores_forward";
+constexpr const char* kBackward = "protoseg_kernels::class_scores_backward";
 
 bool is_max_reduction(const char* kernel, c10::string_view reduction) {
   TORCH_CHECK(reduction == "max" || reduction == "logsumexp", kernel,
@@ -225,3 +225,9 @@ std::tuple<at::Tensor, at::Tensor> class_scores_backward(
 }
 
 }  // namespace protoseg::cpu
+
+PROTOSEG_CPU_KERNELS(m) {
+  using namespace protoseg::cpu;
+  PROTOSEG_KERNEL(m, class_scores_forward);
+  PROTOSEG_KERNEL(m, class_scores_backward);
+}

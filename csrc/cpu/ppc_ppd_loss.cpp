@@ -13,8 +13,8 @@
 namespace protoseg::cpu {
 namespace {
 
-constexpr const char* kForward = "protoseg::_ppc_ppd_forward";
-constexpr const char* kBackward = "protoseg::_ppc_ppd_backward";
+constexpr const char* kForward = "protoseg_kernels::ppc_ppd_forward";
+constexpr const char* kBackward = "protoseg_kernels::ppc_ppd_backward";
 
 // Column of the target prototype in a tile row, or -1 for an ignored (or invalid) target.
 template <typename acc_t>
@@ -135,3 +135,9 @@ std::tuple<at::Tensor, at::Tensor> ppc_ppd_backward(
 }
 
 }  // namespace protoseg::cpu
+
+PROTOSEG_CPU_KERNELS(m) {
+  using namespace protoseg::cpu;
+  PROTOSEG_KERNEL(m, ppc_ppd_forward);
+  PROTOSEG_KERNEL(m, ppc_ppd_backward);
+}

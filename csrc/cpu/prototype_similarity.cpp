@@ -6,8 +6,8 @@
 namespace protoseg::cpu {
 namespace {
 
-constexpr const char* kForward = "protoseg::_similarity_forward";
-constexpr const char* kBackward = "protoseg::_similarity_backward";
+constexpr const char* kForward = "protoseg_kernels::similarity_forward";
+constexpr const char* kBackward = "protoseg_kernels::similarity_backward";
 
 // The tiles are in class-major order already: each S row is copied as it is.
 template <typename scalar_t, typename acc_t>
@@ -68,3 +68,9 @@ std::tuple<at::Tensor, at::Tensor> similarity_backward(const at::Tensor& grad_in
 }
 
 }  // namespace protoseg::cpu
+
+PROTOSEG_CPU_KERNELS(m) {
+  using namespace protoseg::cpu;
+  PROTOSEG_KERNEL(m, similarity_forward);
+  PROTOSEG_KERNEL(m, similarity_backward);
+}

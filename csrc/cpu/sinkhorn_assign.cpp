@@ -18,10 +18,10 @@
 namespace protoseg::cpu {
 namespace {
 
-constexpr const char* kLogits = "protoseg::_sinkhorn_logits";
-constexpr const char* kClassLse = "protoseg::_sinkhorn_class_logsumexp";
-constexpr const char* kMarginals = "protoseg::_sinkhorn_marginals";
-constexpr const char* kFinalize = "protoseg::_sinkhorn_finalize";
+constexpr const char* kLogits = "protoseg_kernels::sinkhorn_logits";
+constexpr const char* kClassLse = "protoseg_kernels::sinkhorn_class_logsumexp";
+constexpr const char* kMarginals = "protoseg_kernels::sinkhorn_marginals";
+constexpr const char* kFinalize = "protoseg_kernels::sinkhorn_finalize";
 
 template <typename scalar_t, typename acc_t>
 void logits_impl(const at::Tensor& x, const at::Tensor& prototypes, const at::Tensor& segment, bool normalize,
@@ -187,3 +187,11 @@ std::tuple<at::Tensor, at::Tensor> sinkhorn_finalize(const at::Tensor& logits_in
 }
 
 }  // namespace protoseg::cpu
+
+PROTOSEG_CPU_KERNELS(m) {
+  using namespace protoseg::cpu;
+  PROTOSEG_KERNEL(m, sinkhorn_logits);
+  PROTOSEG_KERNEL(m, sinkhorn_class_logsumexp);
+  PROTOSEG_KERNEL(m, sinkhorn_marginals);
+  PROTOSEG_KERNEL(m, sinkhorn_finalize);
+}

@@ -14,8 +14,8 @@
 namespace protoseg::cpu {
 namespace {
 
-constexpr const char* kSums = "protoseg::_prototype_sums";
-constexpr const char* kMomentum = "protoseg::_momentum_update";
+constexpr const char* kSums = "protoseg_kernels::prototype_sums";
+constexpr const char* kMomentum = "protoseg_kernels::momentum_update";
 
 // Pixels grouped by key, ascending within a group: pixels of key j are
 // order[offsets[j] .. offsets[j + 1]). Keys outside [0, num_keys) are left out.
@@ -122,3 +122,9 @@ at::Tensor momentum_update(const at::Tensor& prototypes_in, const at::Tensor& su
 }
 
 }  // namespace protoseg::cpu
+
+PROTOSEG_CPU_KERNELS(m) {
+  using namespace protoseg::cpu;
+  PROTOSEG_KERNEL(m, prototype_sums);
+  PROTOSEG_KERNEL(m, momentum_update);
+}

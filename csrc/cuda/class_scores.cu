@@ -214,3 +214,9 @@ TensorPair class_scores_backward(const OptionalTensor& grad_scores_arg, const Op
 }
 
 }  // namespace protoseg::cuda
+
+PROTOSEG_CUDA_KERNELS(m) {
+  using namespace protoseg::cuda;
+  PROTOSEG_KERNEL(m, class_scores_forward);
+  PROTOSEG_KERNEL(m, class_scores_backward);
+}

@@ -149,3 +149,9 @@ TensorPair ppc_ppd_backward(const OptionalTensor& grad_ppc_arg, const OptionalTe
 }
 
 }  // namespace protoseg::cuda
+
+PROTOSEG_CUDA_KERNELS(m) {
+  using namespace protoseg::cuda;
+  PROTOSEG_KERNEL(m, ppc_ppd_forward);
+  PROTOSEG_KERNEL(m, ppc_ppd_backward);
+}

@@ -92,3 +92,9 @@ TensorPair similarity_backward(const at::Tensor& grad_arg, const at::Tensor& x_a
 }
 
 }  // namespace protoseg::cuda
+
+PROTOSEG_CUDA_KERNELS(m) {
+  using namespace protoseg::cuda;
+  PROTOSEG_KERNEL(m, similarity_forward);
+  PROTOSEG_KERNEL(m, similarity_backward);
+}

@@ -232,3 +232,11 @@ TensorPair sinkhorn_finalize(const at::Tensor& logits_arg, const at::Tensor& seg
 }
 
 }  // namespace protoseg::cuda
+
+PROTOSEG_CUDA_KERNELS(m) {
+  using namespace protoseg::cuda;
+  PROTOSEG_KERNEL(m, sinkhorn_logits);
+  PROTOSEG_KERNEL(m, sinkhorn_class_logsumexp);
+  PROTOSEG_KERNEL(m, sinkhorn_marginals);
+  PROTOSEG_KERNEL(m, sinkhorn_finalize);
+}

@@ -115,3 +115,9 @@ at::Tensor momentum_update(const at::Tensor& prototypes_arg, const at::Tensor& s
 }
 
 }  // namespace protoseg::cuda
+
+PROTOSEG_CUDA_KERNELS(m) {
+  using namespace protoseg::cuda;
+  PROTOSEG_KERNEL(m, prototype_sums);
+  PROTOSEG_KERNEL(m, momentum_update);
+}

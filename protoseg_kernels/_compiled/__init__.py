@@ -1,12 +1,13 @@
 """The compiled backends (``cpu``, ``cuda``, ``cuda_emulated``) share one adapter.
 
-The C++ extension registers one schema per kernel of the contract in
-:mod:`protoseg_kernels._kernel_interface`, named ``<namespace>::_<kernel>`` with
-the same arguments, and implementations per dispatch key (CPU kernels in
-``csrc/cpu``, CUDA kernels in ``csrc/cuda``). The host-emulation build of the
-CUDA sources registers the same schemas in namespace ``protoseg_emulated`` for
-CPU tensors. This module loads an extension and binds its kernels as module
-functions of a backend.
+The C++ extension defines one schema per kernel of the op table
+(:mod:`protoseg_kernels._op_table`), named ``protoseg_kernels::<kernel>`` with the
+arguments of :mod:`protoseg_kernels._kernel_interface`; each kernel source registers its
+implementations for its dispatch key (``csrc/cpu``: CPU, ``csrc/cuda``: CUDA). The host
+emulation build of the CUDA sources defines the same schemas in namespace
+``protoseg_kernels_emulated`` and registers them for CPU tensors. This module loads an
+extension and binds, as functions of a backend module, the kernels registered for the
+backend's dispatch key, from which the backend's declaration (``IMPLEMENTED``) follows.
 """
 
 from __future__ import annotations
@@ -21,18 +22,12 @@ from typing import Any
 
 import torch
 
+from .._op_table import FLOAT_DTYPES, KERNELS, Implemented, Kernel, implemented_from
+
 REBUILD_HINT = "rebuild it with `pip install --no-build-isolation -e .` (see README, 'Install')"
 BUILD_INFO = Path(__file__).resolve().parent.parent / "_build_info.json"
 
-# Kernels whose last output is d_prototypes: an empty tensor there means "not asked".
-_WITH_PROTOTYPE_GRAD = ("similarity_backward", "class_scores_backward", "ppc_ppd_backward")
-KERNEL_NAMES = (
-    "similarity_forward", "similarity_backward",
-    "class_scores_forward", "class_scores_backward",
-    "ppc_ppd_forward", "ppc_ppd_backward",
-    "sinkhorn_logits", "sinkhorn_class_logsumexp", "sinkhorn_marginals", "sinkhorn_finalize",
-    "prototype_sums", "momentum_update",
-)
+NAMESPACE = "protoseg_kernels"  # the real extension's kernel schemas (the emulation's: cuda_emulated.py)
 
 
 @cache
@@ -56,7 +51,8 @@ def build_info() -> dict[str, Any]:
 
 
 def has_kernel(namespace: str, kernel: str, dispatch_key: str) -> bool:
-    name = f"{namespace}::_{kernel}"
+    """Whether the dispatcher has an implementation of ``<namespace>::<kernel>`` for ``dispatch_key``."""
+    name = f"{namespace}::{kernel}"
     return torch._C._dispatch_has_kernel_for_dispatch_key(name, dispatch_key)
 
 
@@ -64,21 +60,33 @@ def _contiguous(arg: Any) -> Any:
     return arg.contiguous() if isinstance(arg, torch.Tensor) else arg
 
 
-def _bind(namespace: str, kernel: str) -> Callable[..., Any]:
+def _bind(namespace: str, kernel: Kernel) -> Callable[..., Any]:
     def call(*args: Any) -> Any:
-        op = getattr(getattr(torch.ops, namespace), f"_{kernel}")
+        op = getattr(getattr(torch.ops, namespace), kernel.name)
         out = op(*(_contiguous(a) for a in args))
-        if kernel in _WITH_PROTOTYPE_GRAD:
+        if kernel.prototype_grad:
             grad_x, grad_p = out
             return grad_x, (grad_p if args[-1] else None)
         return out
 
-    call.__name__ = kernel
-    call.__doc__ = f"Calls torch.ops.{namespace}._{kernel} (see protoseg_kernels._kernel_interface)."
+    call.__name__ = kernel.name
+    call.__doc__ = f"Calls torch.ops.{namespace}.{kernel.name} (see protoseg_kernels._kernel_interface)."
     return call
 
 
-def bind_kernels(namespace: str, module_globals: dict[str, Any]) -> None:
-    """Define every kernel of the contract as a function of the calling backend module."""
-    for kernel in KERNEL_NAMES:
-        module_globals[kernel] = _bind(namespace, kernel)
+def bind_kernels(
+    extension: str, namespace: str, dispatch_key: str, module_globals: dict[str, Any],
+) -> tuple[str | None, Implemented]:
+    """Load ``protoseg_kernels.<extension>`` and define, as functions of the calling backend
+    module, the kernels of the op table it registered for ``dispatch_key`` in ``namespace``.
+
+    Returns (why the extension cannot be used, or None; what the backend implements). The
+    compiled kernels take every floating dtype.
+    """
+    _, reason = load_extension(extension)
+    if reason is not None:
+        return reason, Implemented()
+    present = {name for name in KERNELS if has_kernel(namespace, name, dispatch_key)}
+    for name in present:
+        module_globals[name] = _bind(namespace, KERNELS[name])
+    return None, implemented_from(present, FLOAT_DTYPES)

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from . import bind_kernels, has_kernel, load_extension
+from . import NAMESPACE, bind_kernels
 
-bind_kernels("protoseg", globals())
+_EXTENSION_PROBLEM, IMPLEMENTED = bind_kernels("_C", NAMESPACE, "CPU", globals())
 
 
 def unavailable_reason() -> str | None:
-    _, reason = load_extension("_C")
-    if reason:
-        return reason
-    if not has_kernel("protoseg", "class_scores_forward", "CPU"):
+    if _EXTENSION_PROBLEM:
+        return _EXTENSION_PROBLEM
+    if not IMPLEMENTED.dtypes and not IMPLEMENTED.missing:
         return "protoseg_kernels._C was built without the CPU kernels; rebuild it"
     return None
 

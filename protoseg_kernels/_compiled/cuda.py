@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from . import REBUILD_HINT, bind_kernels, has_kernel, load_extension
+from . import NAMESPACE, REBUILD_HINT, bind_kernels
 
-bind_kernels("protoseg", globals())
+_EXTENSION_PROBLEM, IMPLEMENTED = bind_kernels("_C", NAMESPACE, "CUDA", globals())
 
 
 def unavailable_reason() -> str | None:
-    _, reason = load_extension("_C")
-    if reason:
-        return reason
-    if not has_kernel("protoseg", "class_scores_forward", "CUDA"):
+    if _EXTENSION_PROBLEM:
+        return _EXTENSION_PROBLEM
+    if not IMPLEMENTED.dtypes and not IMPLEMENTED.missing:
         return (
             "protoseg_kernels._C was built without CUDA kernels (no CUDA toolkit found at build "
             f"time, or PROTOSEG_SKIP_CUDA=1); set CUDA_HOME and {REBUILD_HINT}"

@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import torch
 
-from . import bind_kernels, load_extension
+from . import bind_kernels
 
-NAMESPACE = "protoseg_emulated"
-bind_kernels(NAMESPACE, globals())
+NAMESPACE = "protoseg_kernels_emulated"
+_EXTENSION_PROBLEM, IMPLEMENTED = bind_kernels("_C_emulated", NAMESPACE, "CPU", globals())
 
 
 def unavailable_reason() -> str | None:
-    _, reason = load_extension("_C_emulated")
-    if reason:
-        return reason.replace(
+    if _EXTENSION_PROBLEM:
+        return _EXTENSION_PROBLEM.replace(
             "rebuild it with", "build it with `PROTOSEG_BUILD_EMULATION=1` and"
         )
     return None

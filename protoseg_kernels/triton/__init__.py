@@ -1,19 +1,22 @@
 """The ``triton`` backend: fused Triton kernels for CUDA tensors (SPEC §4).
 
-One module per op implements its kernels of the contract in
-:mod:`protoseg_kernels._kernel_interface`; ``_tiles`` (device helpers),
-``_similarity_grads`` (the backward GEMMs), ``_norms``, ``_config`` (block sizes)
-and ``_host`` (launching) are shared.
+One module ``<op>.py`` per op it implements defines that op's kernels of the contract in
+:mod:`protoseg_kernels._kernel_interface` (the op table, :mod:`protoseg_kernels._op_table`,
+finds them there); ``_tiles`` (device helpers), ``_similarity_grads`` (the backward
+GEMMs), ``_norms``, ``_config`` (block sizes) and ``_host`` (launching) are shared.
 
 The kernels serve CUDA tensors (compute capability 8.0+), in float16, bfloat16 and
-float32. With ``TRITON_INTERPRET=1`` set before this package is imported, Triton
-interprets them on the CPU instead: the backend then also serves CPU tensors, which
-is how the test suite runs every kernel without a GPU (slowly: for tests only).
+float32 (``IMPLEMENTED`` says so per op: ``auto`` passes float64 on to another backend).
+With ``TRITON_INTERPRET=1`` set before this package is imported, Triton interprets them
+on the CPU instead: the backend then also serves CPU tensors, which is how the test suite
+runs every kernel without a GPU (slowly: for tests only).
 """
 
 from __future__ import annotations
 
 import torch
+
+from .._op_table import Implemented, collect_python_kernels
 
 MIN_CAPABILITY = (8, 0)
 
@@ -24,33 +27,16 @@ except Exception as exc:  # a broken install may fail in any way
         f"triton cannot be imported ({type(exc).__name__}: {exc}); install it with "
         f"`pip install triton` (Linux, CUDA GPUs)"
     )
+    IMPLEMENTED = Implemented()
 else:
     _IMPORT_PROBLEM = None
     from ._host import INTERPRETING, SUPPORTED_DTYPES
-    from .class_scores import class_scores_backward, class_scores_forward
-    from .ppc_ppd_loss import ppc_ppd_backward, ppc_ppd_forward
-    from .prototype_similarity import similarity_backward, similarity_forward
-    from .sinkhorn_assign import sinkhorn_class_logsumexp, sinkhorn_finalize, sinkhorn_logits, sinkhorn_marginals
-    from .update_prototypes import momentum_update, prototype_sums
 
-__all__ = [
-    "class_scores_backward", "class_scores_forward", "device_reason", "dtype_reason", "momentum_update",
-    "ppc_ppd_backward", "ppc_ppd_forward", "prototype_sums", "similarity_backward", "similarity_forward",
-    "sinkhorn_class_logsumexp", "sinkhorn_finalize", "sinkhorn_logits", "sinkhorn_marginals", "unavailable_reason",
-]
+    IMPLEMENTED = collect_python_kernels(__name__, globals(), frozenset(SUPPORTED_DTYPES))
 
 
 def unavailable_reason() -> str | None:
     return _IMPORT_PROBLEM
-
-
-def dtype_reason(dtype: torch.dtype) -> str | None:
-    """Why the kernels cannot compute in ``dtype``, or None (``auto`` skips the backend then)."""
-    if _IMPORT_PROBLEM is not None:
-        return _IMPORT_PROBLEM
-    if dtype in SUPPORTED_DTYPES:
-        return None
-    return f"the triton backend computes in float16, bfloat16 and float32, not {dtype}"
 
 
 def device_reason(device: torch.device) -> str | None:

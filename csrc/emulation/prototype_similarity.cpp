@@ -1,2 +1,0 @@
-// Host build of csrc/cuda/prototype_similarity.cu through the CUDA emulation (same source, unchanged).
-#include "cuda/prototype_similarity.cu"
