@@ -88,15 +88,17 @@ def op_table() -> dict[str, dict[str, str]]:
 
 
 def _print_op_table(table: dict[str, dict[str, str]]) -> None:
-    """One line per op and backend: unavailable backends say so once, above."""
+    """One line per op and backend (an unavailable backend's reason is printed once, above)."""
     print("op × backend (input dtypes served, or why not):")
-    width = max(len(column) for row in table.values() for column in row)
+    width = max(len(column) for row in table.values() for column in row) + 2
     for op, row in table.items():
         print(f"  {op} ({row['spec']})")
         for column, text in row.items():
-            if column == "spec" or (column in BACKEND_NAMES and unavailable_reason(column)):
+            if column == "spec":
                 continue
-            print(f"    {column:<{width}} {text}")
+            if column in BACKEND_NAMES and unavailable_reason(column):
+                text = "unavailable (see backends)"
+            print(f"    {column:<{width}}{text}")
 
 
 def main() -> None:

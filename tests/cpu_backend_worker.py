@@ -70,24 +70,24 @@ def bad_indices() -> None:
         assert torch.isfinite(t).all()
     assert bool((sk.index[spots] == -1).all())
 
-    ops = torch.ops.protoseg
+    ops = torch.ops.protoseg_kernels
     hostile = torch.full((n,), 2**62, dtype=torch.long)
     hostile[::2] = -(2**62)
-    scores, idx, lse = ops._class_scores_forward(case.x, case.prototypes, True, "max", 1.0, 0.5)
-    grad_x, _ = ops._class_scores_backward(torch.ones(n, c), None, case.x, case.prototypes,
-                                           hostile.repeat(c).view(c, n).t().contiguous(), lse, True, "max", 1.0,
-                                           0.5, True)
+    scores, idx, lse = ops.class_scores_forward(case.x, case.prototypes, True, "max", 1.0, 0.5)
+    grad_x, _ = ops.class_scores_backward(torch.ones(n, c), None, case.x, case.prototypes,
+                                          hostile.repeat(c).view(c, n).t().contiguous(), lse, True, "max", 1.0,
+                                          0.5, True)
     assert bool((grad_x == 0).all()), "gradient routed through an out-of-range index"
-    ops._ppc_ppd_backward(torch.ones(n), torch.ones(n), case.x, case.prototypes, hostile, lse, True, 1.0, True)
-    logits = ops._sinkhorn_logits(case.x, case.prototypes, hostile, True, 0.05)
+    ops.ppc_ppd_backward(torch.ones(n), torch.ones(n), case.x, case.prototypes, hostile, lse, True, 1.0, True)
+    logits = ops.sinkhorn_logits(case.x, case.prototypes, hostile, True, 0.05)
     assert bool((logits == 0).all())
-    m, s = ops._sinkhorn_class_logsumexp(logits, hostile, c)
+    m, s = ops.sinkhorn_class_logsumexp(logits, hostile, c)
     assert bool((s == 0).all())
     beta = torch.zeros(c, k)
-    assert bool((ops._sinkhorn_marginals(logits, hostile, beta) == 0).all())
-    fin_index, _ = ops._sinkhorn_finalize(logits, hostile, beta, True)
+    assert bool((ops.sinkhorn_marginals(logits, hostile, beta) == 0).all())
+    fin_index, _ = ops.sinkhorn_finalize(logits, hostile, beta, True)
     assert bool((fin_index == -1).all())
-    sums, counts = ops._prototype_sums(case.x, hostile, c * k, True)
+    sums, counts = ops.prototype_sums(case.x, hostile, c * k, True)
     assert int(counts.sum()) == 0 and bool((sums == 0).all())
     print("survived")
 
