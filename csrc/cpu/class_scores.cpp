@@ -64,28 +64,31 @@ struct ScoreOptions {
   std::optional<double> lse_temperature;
 };
 
+// Forward epilogue: per pixel, the class scores, their argmax and (with lse_temperature)
+// the log-sum-exp over all C·K, from the pixel's whole S row.
 template <typename scalar_t, typename acc_t>
-void class_scores_forward_impl(const at::Tensor& x, const at::Tensor& prototypes, bool normalize,
-                               const ScoreOptions& opt, at::Tensor& scores, at::Tensor& index,
-                               at::Tensor& lse) {
-  const auto p = prepare_prototypes<scalar_t, acc_t>(prototypes, normalize, PrototypeOrder::PrototypeMajor);
-  const int64_t classes = p.classes, m = p.count;
-  const acc_t tau = static_cast<acc_t>(opt.temperature), inv_tau = acc_t(1) / tau;
-  const bool with_lse = opt.lse_temperature.has_value();
-  const acc_t inv_lse_tau = with_lse ? acc_t(1) / static_cast<acc_t>(*opt.lse_temperature) : acc_t(0);
-  scalar_t* scores_out = scores.data_ptr<scalar_t>();
-  int64_t* index_out = index.data_ptr<int64_t>();
-  acc_t* lse_out = with_lse ? lse.data_ptr<acc_t>() : nullptr;
+struct ClassScoresEpilogue {
+  using State = ClassStats<acc_t>;
+  scalar_t* scores = nullptr;  // [N, C]
+  int64_t* index = nullptr;    // [N, C]
+  acc_t* lse = nullptr;        // [N] or null
+  bool max_reduction = true;
+  acc_t tau = 1, inv_tau = 1, inv_lse_tau = 1;
+  int64_t classes = 0, per_class = 0;
 
-  for_each_similarity_tile<scalar_t, acc_t>(x, p, normalize, [&](const Tile<acc_t>& tile) {
-    ClassStats<acc_t> stats(classes, p.per_class);
+  State make_state(const TileShape&) const { return State(classes, per_class); }
+  void begin_rows(State&, int64_t, int64_t) const {}
+  void end_rows(State&, int64_t, int64_t) const {}
+
+  void operator()(State& stats, const Tile<acc_t>& tile) const {
+    const int64_t m = tile.columns;
     for (int64_t i = 0; i < tile.rows; ++i) {
-      const acc_t* s = tile.s + i * m;
-      const int64_t pixel = tile.begin + i;
+      const acc_t* s = tile.row(i);
+      const int64_t pixel = tile.row_begin + i;
       stats.max_over_prototypes(s);
-      scalar_t* row_scores = scores_out + pixel * classes;
-      int64_t* row_index = index_out + pixel * classes;
-      if (opt.max_reduction) {
+      scalar_t* row_scores = scores + pixel * classes;
+      int64_t* row_index = index + pixel * classes;
+      if (max_reduction) {
         for (int64_t c = 0; c < classes; ++c) row_scores[c] = static_cast<scalar_t>(stats.best[c]);
       } else {
         stats.shifted_sums(s, inv_tau);
@@ -94,12 +97,30 @@ void class_scores_forward_impl(const at::Tensor& x, const at::Tensor& prototypes
         }
       }
       for (int64_t c = 0; c < classes; ++c) row_index[c] = stats.arg[c];
-      if (with_lse) {
+      if (lse != nullptr) {
         const acc_t top = lane_max(stats.best.data(), classes);  // the max over all C·K
-        lse_out[pixel] = top * inv_lse_tau + std::log(sum_exp(s, m, top, inv_lse_tau));
+        lse[pixel] = top * inv_lse_tau + std::log(sum_exp(s, m, top, inv_lse_tau));
       }
     }
-  });
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+void class_scores_forward_impl(const at::Tensor& x, const at::Tensor& prototypes, bool normalize,
+                               const ScoreOptions& opt, at::Tensor& scores, at::Tensor& index,
+                               at::Tensor& lse) {
+  const auto cols = prepare_prototypes<scalar_t, acc_t>(prototypes, normalize, ClassGrouping::PrototypeMajor);
+  ClassScoresEpilogue<scalar_t, acc_t> epilogue;
+  epilogue.scores = scores.data_ptr<scalar_t>();
+  epilogue.index = index.data_ptr<int64_t>();
+  epilogue.lse = opt.lse_temperature ? lse.data_ptr<acc_t>() : nullptr;
+  epilogue.max_reduction = opt.max_reduction;
+  epilogue.tau = static_cast<acc_t>(opt.temperature);
+  epilogue.inv_tau = acc_t(1) / epilogue.tau;
+  epilogue.inv_lse_tau = opt.lse_temperature ? acc_t(1) / static_cast<acc_t>(*opt.lse_temperature) : acc_t(0);
+  epilogue.classes = cols.order.classes;
+  epilogue.per_class = cols.order.per_class;
+  similarity_sweep<scalar_t, acc_t>(x, cols, SweepOptions{normalize}, epilogue);
 }
 
 // Turns a tile of S into dS, in place. Per pixel i, class c, prototype k:
@@ -117,15 +138,29 @@ struct ClassScoresGrad {
   acc_t inv_tau = 1, inv_lse_tau = 1;
   int64_t classes = 0, per_class = 0;
 
-  void operator()(const Tile<acc_t>& tile) const {
-    const int64_t m = classes * per_class;
-    const bool soft_term = grad_scores != nullptr && !max_reduction;
-    const bool lse_term = grad_lse != nullptr;
-    ClassStats<acc_t> stats(classes, per_class);
-    std::vector<acc_t> weight(classes), lse_part(soft_term && lse_term ? m : 0);
+  bool soft_term() const { return grad_scores != nullptr && !max_reduction; }
+  bool lse_term() const { return grad_lse != nullptr; }
+
+  struct State {
+    ClassStats<acc_t> stats;
+    std::vector<acc_t> weight;    // [C]: g_ic / sum_ic
+    std::vector<acc_t> lse_part;  // [M]: the lse term, when the soft term still needs S
+  };
+
+  State make_state(const TileShape& shape) const {
+    return State{ClassStats<acc_t>(classes, per_class), std::vector<acc_t>(classes),
+                 std::vector<acc_t>(soft_term() && lse_term() ? shape.total_columns : 0)};
+  }
+
+  void operator()(State& state, const Tile<acc_t>& tile) const {
+    const int64_t m = tile.columns;
+    const bool soft_term = this->soft_term(), lse_term = this->lse_term();
+    ClassStats<acc_t>& stats = state.stats;
+    std::vector<acc_t>& weight = state.weight;
+    std::vector<acc_t>& lse_part = state.lse_part;
     for (int64_t i = 0; i < tile.rows; ++i) {
-      acc_t* s = tile.s + i * m;
-      const int64_t pixel = tile.begin + i;
+      acc_t* s = tile.row(i);
+      const int64_t pixel = tile.row_begin + i;
       const acc_t* g = grad_scores == nullptr ? nullptr : grad_scores + pixel * classes;
       if (soft_term) {
         stats.max_over_prototypes(s);
@@ -206,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor> class_scores_backward(
   }
   std::tuple<at::Tensor, at::Tensor> result;
   PROTOSEG_DISPATCH_FLOATING(x.scalar_type(), kBackward, [&] {
-    const auto p = prepare_prototypes<scalar_t, acc_t>(prototypes, normalize, PrototypeOrder::PrototypeMajor);
+    const auto cols = prepare_prototypes<scalar_t, acc_t>(prototypes, normalize, ClassGrouping::PrototypeMajor);
     ClassScoresGrad<acc_t> fill;
     fill.grad_scores = g_scores.defined() ? g_scores.const_data_ptr<acc_t>() : nullptr;
     fill.grad_lse = g_lse.defined() ? g_lse.const_data_ptr<acc_t>() : nullptr;
@@ -216,10 +251,12 @@ std::tuple<at::Tensor, at::Tensor> class_scores_backward(
     fill.inv_lse_tau = lse_temperature ? acc_t(1) / static_cast<acc_t>(*lse_temperature) : acc_t(1);
     fill.classes = classes;
     fill.per_class = prototypes.size(1);
+    BackwardOptions options;
+    options.normalize_rows = normalize;
     // The max reduction alone needs no similarities: dS is g scattered to the argmax.
-    const bool recompute = fill.grad_lse != nullptr || (fill.grad_scores != nullptr && !max_reduction);
-    result = similarity_tiles_backward<scalar_t, acc_t>(x, prototypes, p, normalize, recompute,
-                                                        need_prototype_grad, fill);
+    options.recompute = fill.lse_term() || fill.soft_term();
+    options.need_column_grad = need_prototype_grad;
+    result = similarity_backward_sweep<scalar_t, acc_t>(x, cols, options, fill);
   });
   return result;
 }

@@ -18,56 +18,71 @@ constexpr const char* kBackward = "protoseg_kernels::ppc_ppd_backward";
 
 // Column of the target prototype in a tile row, or -1 for an ignored (or invalid) target.
 template <typename acc_t>
-int64_t target_column(const PreparedPrototypes<acc_t>& p, int64_t target) {
-  if (!index_in_range(target, p.count)) return -1;
-  return p.row_of(target / p.per_class, target % p.per_class);
+int64_t target_column(const PreparedColumns<acc_t>& cols, int64_t target) {
+  return index_in_range(target, cols.count) ? cols.order.column_of(target) : -1;
 }
+
+// Forward epilogue, per pixel from its whole S row: lse, ppc and ppd.
+template <typename acc_t>
+struct PpcPpdEpilogue : RowEpilogue {
+  const PreparedColumns<acc_t>* cols = nullptr;
+  const int64_t* target = nullptr;  // [N]
+  acc_t* ppc = nullptr;             // [N]
+  acc_t* ppd = nullptr;             // [N]
+  acc_t* lse = nullptr;             // [N]
+  acc_t inv_tau = 1;
+
+  void operator()(NoState&, const Tile<acc_t>& tile) const {
+    const int64_t m = tile.columns;
+    for (int64_t i = 0; i < tile.rows; ++i) {
+      const acc_t* s = tile.row(i);
+      const int64_t pixel = tile.row_begin + i;
+      const acc_t top = lane_max(s, m);
+      const acc_t log_sum = std::log(sum_exp(s, m, top, inv_tau));
+      lse[pixel] = top * inv_tau + log_sum;
+      const int64_t column = target_column(*cols, target[pixel]);
+      if (column < 0) {
+        ppc[pixel] = ppd[pixel] = acc_t(0);
+        continue;
+      }
+      const acc_t s_target = s[column];
+      // lse − S_t/τ with the shift taken out first: no cancellation of two large terms.
+      ppc[pixel] = (top - s_target) * inv_tau + log_sum;
+      ppd[pixel] = (acc_t(1) - s_target) * (acc_t(1) - s_target);
+    }
+  }
+};
 
 template <typename scalar_t, typename acc_t>
 void ppc_ppd_forward_impl(const at::Tensor& x, const at::Tensor& prototypes, const at::Tensor& target,
                           bool normalize, double temperature, at::Tensor& ppc, at::Tensor& ppd,
                           at::Tensor& lse) {
-  const auto p = prepare_prototypes<scalar_t, acc_t>(prototypes, normalize, PrototypeOrder::ClassMajor);
-  const int64_t m = p.count;
-  const acc_t inv_tau = acc_t(1) / static_cast<acc_t>(temperature);
-  const int64_t* t = target.const_data_ptr<int64_t>();
-  acc_t* ppc_out = ppc.data_ptr<acc_t>();
-  acc_t* ppd_out = ppd.data_ptr<acc_t>();
-  acc_t* lse_out = lse.data_ptr<acc_t>();
-  for_each_similarity_tile<scalar_t, acc_t>(x, p, normalize, [&](const Tile<acc_t>& tile) {
-    for (int64_t i = 0; i < tile.rows; ++i) {
-      const acc_t* s = tile.s + i * m;
-      const int64_t pixel = tile.begin + i;
-      const acc_t top = lane_max(s, m);
-      const acc_t log_sum = std::log(sum_exp(s, m, top, inv_tau));
-      lse_out[pixel] = top * inv_tau + log_sum;
-      const int64_t column = target_column(p, t[pixel]);
-      if (column < 0) {
-        ppc_out[pixel] = ppd_out[pixel] = acc_t(0);
-        continue;
-      }
-      const acc_t s_target = s[column];
-      // lse − S_t/τ with the shift taken out first: no cancellation of two large terms.
-      ppc_out[pixel] = (top - s_target) * inv_tau + log_sum;
-      ppd_out[pixel] = (acc_t(1) - s_target) * (acc_t(1) - s_target);
-    }
-  });
+  const auto cols = prepare_prototypes<scalar_t, acc_t>(prototypes, normalize, ClassGrouping::ClassMajor);
+  PpcPpdEpilogue<acc_t> epilogue;
+  epilogue.cols = &cols;
+  epilogue.target = target.const_data_ptr<int64_t>();
+  epilogue.ppc = ppc.data_ptr<acc_t>();
+  epilogue.ppd = ppd.data_ptr<acc_t>();
+  epilogue.lse = lse.data_ptr<acc_t>();
+  epilogue.inv_tau = acc_t(1) / static_cast<acc_t>(temperature);
+  similarity_sweep<scalar_t, acc_t>(x, cols, SweepOptions{normalize}, epilogue);
 }
 
+// Gradient functor, per pixel from its whole S row (see the top of the file).
 template <typename acc_t>
-struct PpcPpdGrad {
-  const PreparedPrototypes<acc_t>* p = nullptr;
+struct PpcPpdGrad : RowEpilogue {
+  const PreparedColumns<acc_t>* cols = nullptr;
   const int64_t* target = nullptr;
   const acc_t* grad_ppc = nullptr;  // [N] or null
   const acc_t* grad_ppd = nullptr;  // [N] or null
   acc_t inv_tau = 1;
 
-  void operator()(const Tile<acc_t>& tile) const {
-    const int64_t m = p->count;
+  void operator()(NoState&, const Tile<acc_t>& tile) const {
+    const int64_t m = tile.columns;
     for (int64_t i = 0; i < tile.rows; ++i) {
-      acc_t* s = tile.s + i * m;
-      const int64_t pixel = tile.begin + i;
-      const int64_t column = target_column(*p, target[pixel]);
+      acc_t* s = tile.row(i);
+      const int64_t pixel = tile.row_begin + i;
+      const int64_t column = target_column(*cols, target[pixel]);
       if (column < 0) {  // ignored pixel: no loss, no gradient
         std::fill(s, s + m, acc_t(0));
         continue;
@@ -121,15 +136,18 @@ std::tuple<at::Tensor, at::Tensor> ppc_ppd_backward(
   }
   std::tuple<at::Tensor, at::Tensor> result;
   PROTOSEG_DISPATCH_FLOATING(x.scalar_type(), kBackward, [&] {
-    const auto p = prepare_prototypes<scalar_t, acc_t>(prototypes, normalize, PrototypeOrder::ClassMajor);
+    const auto cols = prepare_prototypes<scalar_t, acc_t>(prototypes, normalize, ClassGrouping::ClassMajor);
     PpcPpdGrad<acc_t> fill;
-    fill.p = &p;
+    fill.cols = &cols;
     fill.target = target.const_data_ptr<int64_t>();
     fill.grad_ppc = g_ppc.defined() ? g_ppc.const_data_ptr<acc_t>() : nullptr;
     fill.grad_ppd = g_ppd.defined() ? g_ppd.const_data_ptr<acc_t>() : nullptr;
     fill.inv_tau = acc_t(1) / static_cast<acc_t>(temperature);
-    result = similarity_tiles_backward<scalar_t, acc_t>(x, prototypes, p, normalize, /*recompute=*/true,
-                                                        need_prototype_grad, fill);
+    BackwardOptions options;
+    options.normalize_rows = normalize;
+    options.recompute = true;
+    options.need_column_grad = need_prototype_grad;
+    result = similarity_backward_sweep<scalar_t, acc_t>(x, cols, options, fill);
   });
   return result;
 }

@@ -9,34 +9,51 @@ namespace {
 constexpr const char* kForward = "protoseg_kernels::similarity_forward";
 constexpr const char* kBackward = "protoseg_kernels::similarity_backward";
 
-// The tiles are in class-major order already: each S row is copied as it is.
+// The tiles hold whole rows in class-major order: each S row is the output row as it is.
+template <typename scalar_t, typename acc_t>
+struct CopySimilarities : RowEpilogue {
+  scalar_t* out;  // [N, C·K]
+
+  void operator()(NoState&, const Tile<acc_t>& tile) const {
+    const int64_t count = tile.rows * tile.columns;
+    scalar_t* rows = out + tile.row_begin * tile.columns;
+    for (int64_t e = 0; e < count; ++e) rows[e] = static_cast<scalar_t>(tile.s[e]);
+  }
+};
+
+// dS is the upstream gradient itself.
+template <typename scalar_t, typename acc_t>
+struct LoadUpstreamGrad : RowEpilogue {
+  const scalar_t* grad;  // [N, C·K]
+
+  void operator()(NoState&, const Tile<acc_t>& tile) const {
+    const int64_t count = tile.rows * tile.columns;
+    const scalar_t* rows = grad + tile.row_begin * tile.columns;
+    for (int64_t e = 0; e < count; ++e) tile.s[e] = static_cast<acc_t>(rows[e]);
+  }
+};
+
 template <typename scalar_t, typename acc_t>
 void similarity_forward_impl(const at::Tensor& x, const at::Tensor& prototypes, bool normalize,
                              at::Tensor& out) {
-  const auto p = prepare_prototypes<scalar_t, acc_t>(prototypes, normalize, PrototypeOrder::ClassMajor);
-  scalar_t* dst = out.data_ptr<scalar_t>();
-  const int64_t m = p.count;
-  for_each_similarity_tile<scalar_t, acc_t>(x, p, normalize, [&](const Tile<acc_t>& tile) {
-    const int64_t count = tile.rows * m;
-    scalar_t* rows = dst + tile.begin * m;
-    for (int64_t e = 0; e < count; ++e) rows[e] = static_cast<scalar_t>(tile.s[e]);
-  });
+  const auto cols = prepare_prototypes<scalar_t, acc_t>(prototypes, normalize, ClassGrouping::ClassMajor);
+  CopySimilarities<scalar_t, acc_t> epilogue;
+  epilogue.out = out.data_ptr<scalar_t>();
+  similarity_sweep<scalar_t, acc_t>(x, cols, SweepOptions{normalize}, epilogue);
 }
 
 template <typename scalar_t, typename acc_t>
 std::tuple<at::Tensor, at::Tensor> similarity_backward_impl(const at::Tensor& grad, const at::Tensor& x,
                                                             const at::Tensor& prototypes, bool normalize,
                                                             bool need_prototype_grad) {
-  const auto p = prepare_prototypes<scalar_t, acc_t>(prototypes, normalize, PrototypeOrder::ClassMajor);
-  const scalar_t* g = grad.const_data_ptr<scalar_t>();
-  const int64_t m = p.count;
-  const auto fill = [&](const Tile<acc_t>& tile) {
-    const int64_t count = tile.rows * m;
-    const scalar_t* rows = g + tile.begin * m;
-    for (int64_t e = 0; e < count; ++e) tile.s[e] = static_cast<acc_t>(rows[e]);
-  };
-  return similarity_tiles_backward<scalar_t, acc_t>(x, prototypes, p, normalize, /*recompute=*/false,
-                                                    need_prototype_grad, fill);
+  const auto cols = prepare_prototypes<scalar_t, acc_t>(prototypes, normalize, ClassGrouping::ClassMajor);
+  LoadUpstreamGrad<scalar_t, acc_t> gradient;
+  gradient.grad = grad.const_data_ptr<scalar_t>();
+  BackwardOptions options;
+  options.normalize_rows = normalize;
+  options.recompute = false;
+  options.need_column_grad = need_prototype_grad;
+  return similarity_backward_sweep<scalar_t, acc_t>(x, cols, options, gradient);
 }
 
 }  // namespace

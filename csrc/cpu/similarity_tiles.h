@@ -1,18 +1,50 @@
-// The tiled "normalise + GEMM tile + epilogue" machinery shared by the CPU kernels that
-// need similarities to all C·K prototypes (prototype_similarity, class_scores,
-// ppc_ppd_loss).
+// The CPU similarity engine: S = x̂·Ĉᵀ between rows x [N, D] and prepared columns
+// [M, D] (columns.h), consumed tile by tile so that nothing of size N·M is allocated.
+// Clients: prototype_similarity, class_scores, ppc_ppd_loss (columns = prototypes);
+// a labelled memory bank (SPEC §10) plugs in the same way.
 //
-// Pixels are cut into tiles of rows. Per tile, the rows of x are normalised into a small
-// buffer, S_tile = x̂_tile·P̂ᵀ [rows, C·K] comes from one BLAS call against the prototypes
-// prepared once per call, and an op-specific epilogue consumes S_tile at once: nothing of
-// size N·C·K is ever allocated. Backward recomputes S_tile (when the gradient needs it),
-// turns it into dS_tile in place, and gets dx̂_tile = dS_tile·P̂ from a second BLAS call;
-// dP̂ = Σ dS_tileᵀ·x̂_tile is accumulated per chunk of consecutive tiles and the chunk
-// partials are added in chunk order.
+// Forward sweep. Rows are cut into tiles of TilePlan::tile_rows; per row tile, the rows
+// of x are normalised into a small buffer, and the columns are swept in blocks of
+// `column_block` (all M in one block by default): S_tile = x̂_tile·Ĉ_blockᵀ comes from one
+// BLAS call and is handed to the client's epilogue at once. The epilogue keeps per-row
+// online statistics (a max shift, running sums, a target's value, ...) in its State
+// across the column blocks of a row tile.
 //
-// Determinism: tile and chunk sizes depend on the problem size only, each tile is
-// computed by one thread in a fixed order, and every cross-tile sum combines partials in
-// a fixed order, so results are bitwise the same whatever the thread count.
+// Backward sweep. Per row tile and column block, S_tile is recomputed when the client
+// needs it, the client's gradient functor turns it into dS_tile in place, and
+// dx̂_tile += dS_tile·Ĉ_block comes from a second BLAS call; dĈ = Σ dS_tileᵀ·x̂_tile is
+// accumulated per chunk of consecutive row tiles and the chunk partials are added in
+// chunk order, then taken through the column normalisation.
+//
+// Determinism: tile, block and chunk sizes depend on the problem size only, each tile
+// is computed by one thread in a fixed order, and every cross-tile sum combines partials
+// in a fixed order, so results are bitwise the same whatever the thread count.
+//
+// ---- The client concepts -------------------------------------------------------------
+//
+// A client is one struct holding its parameters (pointers to its inputs and outputs,
+// temperatures, ...) and implementing:
+//
+//   Forward epilogue E:
+//     using State = ...;                               // per-thread scratch and per-row
+//     State make_state(const TileShape&) const;        //   statistics; made once per thread
+//     void begin_rows(State&, int64_t row_begin, int64_t rows) const;  // new row tile
+//     void operator()(State&, const Tile<acc_t>&) const;   // each column block, in order
+//     void end_rows(State&, int64_t row_begin, int64_t rows) const;    // after the last
+//
+//   Backward gradient functor G:
+//     using State = ...;
+//     State make_state(const TileShape&) const;
+//     void operator()(State&, const Tile<acc_t>&) const;
+//       Turns tile.s into dS = ∂loss/∂S for those rows and columns, in place. tile.s holds S
+//       when BackwardOptions::recompute is set and unspecified values otherwise: G writes
+//       every element. With several column blocks, G sees one block at a time, so what it
+//       needs over a whole row (a softmax normaliser) comes from statistics the forward
+//       saved.
+//
+// RowEpilogue below supplies State = NoState and empty hooks, for clients that only
+// look at one tile at a time (all the prototype clients, which take all columns in one
+// block).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -23,17 +55,66 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <tuple>
 #include <vector>
 
 #include "common/math.h"
+#include "cpu/columns.h"
 #include "cpu/vectorized.h"
 
 namespace protoseg::cpu {
 
+// ---- what a client sees ----------------------------------------------------------------
+
+// One tile: rows [row_begin, row_begin + rows) of x against prepared columns
+// [column_begin, column_begin + columns). s is S (or dS) row-major [rows, columns];
+// labels are the labels of those columns (null when the column set has none).
+template <typename acc_t>
+struct Tile {
+  int64_t row_begin;
+  int64_t rows;
+  int64_t column_begin;
+  int64_t columns;
+  acc_t* s;
+  const int64_t* labels;
+
+  acc_t* row(int64_t i) const { return s + i * columns; }
+  bool whole_rows(int64_t total_columns) const { return column_begin == 0 && columns == total_columns; }
+};
+
+// The largest tile a thread will see, for sizing its State.
+struct TileShape {
+  int64_t max_rows;
+  int64_t block_columns;  // columns per block (the last block may have fewer)
+  int64_t total_columns;  // M
+};
+
+struct NoState {};
+
+// Default hooks: no state, nothing to do at row-tile boundaries.
+struct RowEpilogue {
+  using State = NoState;
+  NoState make_state(const TileShape&) const { return {}; }
+  void begin_rows(NoState&, int64_t, int64_t) const {}
+  void end_rows(NoState&, int64_t, int64_t) const {}
+};
+
+struct SweepOptions {
+  bool normalize_rows = true;
+  int64_t column_block = 0;  // columns per block; 0: all M in one block
+};
+
+struct BackwardOptions {
+  bool normalize_rows = true;
+  bool recompute = true;          // the gradient functor reads S
+  bool need_column_grad = false;  // also return dC
+  int64_t column_block = 0;       // as in SweepOptions
+};
+
 // ---- tiling plan -------------------------------------------------------------------
 
-constexpr int64_t kTileRows = 128;  // [128, C·K] fp32 stays in L2 for C·K up to ~2000
-constexpr int64_t kMaxChunks = 8;   // dP partials: at most 8 × [C·K, D] in the compute dtype
+constexpr int64_t kTileRows = 128;  // [128, M] fp32 stays in L2 for M up to ~2000
+constexpr int64_t kMaxChunks = 8;   // dC partials: at most 8 × [M, D] in the compute dtype
 
 struct TilePlan {
   int64_t rows = 0;
@@ -63,82 +144,22 @@ struct TilePlan {
   }
 };
 
-// ---- prepared prototypes -----------------------------------------------------------
+// Column blocks [b·width, min(M, (b + 1)·width)).
+struct ColumnBlocks {
+  int64_t total = 0;
+  int64_t width = 0;
+  int64_t count = 0;
 
-// Row order of the prepared prototypes. ClassMajor: row c·K + k (the flat index of the
-// API). PrototypeMajor: row k·C + c, so that S_tile holds, per pixel, K contiguous
-// vectors over the classes and every reduction over k (max, argmax, log-sum-exp per
-// class) is element-wise over contiguous memory, which vectorises.
-enum class PrototypeOrder { ClassMajor, PrototypeMajor };
-
-template <typename acc_t>
-struct PreparedPrototypes {
-  at::Tensor storage;
-  const acc_t* hat = nullptr;     // [M, D]: P̂ (or P when not normalising), compute dtype
-  const acc_t* sum_sq = nullptr;  // [M]: ‖P_j‖² of the raw prototype
-  int64_t classes = 0;
-  int64_t per_class = 0;
-  int64_t count = 0;  // M = C·K
-  int64_t dim = 0;
-  PrototypeOrder order = PrototypeOrder::ClassMajor;
-
-  int64_t row_of(int64_t c, int64_t k) const {
-    return order == PrototypeOrder::ClassMajor ? c * per_class + k : k * classes + c;
+  static ColumnBlocks make(int64_t total, int64_t requested) {
+    ColumnBlocks blocks;
+    blocks.total = total;
+    blocks.width = requested > 0 ? std::min(requested, total) : total;
+    blocks.count = blocks.width > 0 ? (total + blocks.width - 1) / blocks.width : 0;
+    return blocks;
   }
-  // The API's flat index c·K + k of prepared row j.
-  int64_t flat_index_of(int64_t row) const {
-    if (order == PrototypeOrder::ClassMajor) return row;
-    return (row % classes) * per_class + row / classes;
-  }
+  int64_t begin(int64_t block) const { return block * width; }
+  int64_t size(int64_t block) const { return std::min(width, total - begin(block)); }
 };
-
-// Per-row work of at least ~16K elements per thread, so small problems stay serial.
-inline int64_t row_grain(int64_t row_length) {
-  return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, row_length));
-}
-
-// Copies `rows` rows of length d into `out` in the compute dtype, normalised when asked,
-// and stores each row's ‖x_i‖² in `sum_sq`.
-template <typename scalar_t, typename acc_t>
-void load_rows(const scalar_t* in, int64_t rows, int64_t d, bool normalize, acc_t* out, acc_t* sum_sq) {
-  for (int64_t i = 0; i < rows; ++i) {
-    const scalar_t* src = in + i * d;
-    acc_t* dst = out + i * d;
-    for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<acc_t>(src[j]);
-    const acc_t ss = sum_of_squares(dst, d);
-    sum_sq[i] = ss;
-    if (normalize) {
-      const acc_t inv = inverse_norm(ss);
-      for (int64_t j = 0; j < d; ++j) dst[j] *= inv;
-    }
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-PreparedPrototypes<acc_t> prepare_prototypes(const at::Tensor& prototypes, bool normalize,
-                                             PrototypeOrder order) {
-  PreparedPrototypes<acc_t> p;
-  p.classes = prototypes.size(0);
-  p.per_class = prototypes.size(1);
-  p.count = p.classes * p.per_class;
-  p.dim = prototypes.size(2);
-  p.order = order;
-  p.storage = at::empty({p.count * p.dim + p.count},
-                        prototypes.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-  acc_t* hat = p.storage.template data_ptr<acc_t>();
-  acc_t* sum_sq = hat + p.count * p.dim;
-  const scalar_t* src = prototypes.const_data_ptr<scalar_t>();
-  const int64_t d = p.dim;
-  at::parallel_for(0, p.count, row_grain(d), [&](int64_t begin, int64_t end) {
-    for (int64_t flat = begin; flat < end; ++flat) {
-      const int64_t row = p.row_of(flat / p.per_class, flat % p.per_class);
-      load_rows(src + flat * d, 1, d, normalize, hat + row * d, sum_sq + row);
-    }
-  });
-  p.hat = hat;
-  p.sum_sq = sum_sq;
-  return p;
-}
 
 // ---- BLAS ----------------------------------------------------------------------------
 
@@ -168,7 +189,7 @@ void gemm_row_major(bool transpose_a, bool transpose_b, int64_t m, int64_t n, in
 // ---- per-thread tile buffers ---------------------------------------------------------
 
 // One allocation per thread, cut into 64-byte aligned pieces: x̂ [T, D], ‖x‖² [T],
-// S or dS [T, M], dx̂ [T, D] (backward only).
+// S or dS [T, block], dx̂ [T, D] (backward only).
 template <typename acc_t>
 struct TileBuffers {
   at::Tensor storage;
@@ -179,8 +200,8 @@ struct TileBuffers {
 
   static int64_t aligned(int64_t count) { return (count + 15) / 16 * 16; }
 
-  TileBuffers(int64_t tile_rows, int64_t d, int64_t m, bool with_input_grad) {
-    const int64_t xs = aligned(tile_rows * d), ns = aligned(tile_rows), ss = aligned(tile_rows * m);
+  TileBuffers(int64_t tile_rows, int64_t d, int64_t block, bool with_input_grad) {
+    const int64_t xs = aligned(tile_rows * d), ns = aligned(tile_rows), ss = aligned(tile_rows * block);
     const int64_t total = xs + ns + ss + (with_input_grad ? xs : 0);
     storage = at::empty({total}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
     x_hat = storage.template data_ptr<acc_t>();
@@ -190,45 +211,52 @@ struct TileBuffers {
   }
 };
 
-// S_tile [rows, M] = x̂_tile·P̂ᵀ.
+// S_tile [rows, block] = x̂_tile·Ĉ_blockᵀ for the columns of `block`.
 template <typename acc_t>
-void similarity_gemm(const TileBuffers<acc_t>& buf, int64_t rows, const PreparedPrototypes<acc_t>& p) {
-  gemm_row_major<acc_t>(false, true, rows, p.count, p.dim, buf.x_hat, p.dim, p.hat, p.dim, false, buf.s,
-                        p.count);
+void similarity_gemm(const TileBuffers<acc_t>& buf, int64_t rows, const PreparedColumns<acc_t>& cols,
+                     const ColumnBlocks& blocks, int64_t block) {
+  const int64_t d = cols.dim, width = blocks.size(block);
+  gemm_row_major<acc_t>(false, true, rows, width, d, buf.x_hat, d, cols.hat + blocks.begin(block) * d, d,
+                        false, buf.s, width);
 }
 
-// One tile as seen by an epilogue: pixels [begin, begin + rows), S (or dS) rows of
-// length M in prepared order.
 template <typename acc_t>
-struct Tile {
-  int64_t begin;
-  int64_t rows;
-  acc_t* s;
-};
+Tile<acc_t> make_tile(const TileBuffers<acc_t>& buf, const PreparedColumns<acc_t>& cols,
+                      const ColumnBlocks& blocks, int64_t row_begin, int64_t rows, int64_t block) {
+  const int64_t c0 = blocks.begin(block);
+  return Tile<acc_t>{row_begin, rows, c0, blocks.size(block), buf.s,
+                     cols.labels != nullptr ? cols.labels + c0 : nullptr};
+}
 
 // ---- forward -------------------------------------------------------------------------
 
-// Calls epilogue(Tile) once per tile with S_tile computed, tiles in parallel.
+// Runs the epilogue over every tile of S = x̂·Ĉᵀ, row tiles in parallel.
 template <typename scalar_t, typename acc_t, typename Epilogue>
-void for_each_similarity_tile(const at::Tensor& x, const PreparedPrototypes<acc_t>& p, bool normalize,
-                              const Epilogue& epilogue) {
+void similarity_sweep(const at::Tensor& x, const PreparedColumns<acc_t>& cols, const SweepOptions& options,
+                      const Epilogue& epilogue) {
   const int64_t d = x.size(1);
   const TilePlan plan = TilePlan::make(x.size(0), false);
+  const ColumnBlocks blocks = ColumnBlocks::make(cols.count, options.column_block);
   const scalar_t* x_data = x.const_data_ptr<scalar_t>();
   at::parallel_for(0, plan.num_tiles, 1, [&](int64_t begin, int64_t end) {
-    TileBuffers<acc_t> buf(plan.tile_rows, d, p.count, false);
+    TileBuffers<acc_t> buf(plan.tile_rows, d, blocks.width, false);
+    auto state = epilogue.make_state(TileShape{plan.tile_rows, blocks.width, cols.count});
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t r0 = plan.tile_begin(tile), rows = plan.tile_size(tile);
-      load_rows(x_data + r0 * d, rows, d, normalize, buf.x_hat, buf.sum_sq);
-      similarity_gemm(buf, rows, p);
-      epilogue(Tile<acc_t>{r0, rows, buf.s});
+      load_rows(x_data + r0 * d, rows, d, options.normalize_rows, buf.x_hat, buf.sum_sq);
+      epilogue.begin_rows(state, r0, rows);
+      for (int64_t block = 0; block < blocks.count; ++block) {
+        similarity_gemm(buf, rows, cols, blocks, block);
+        epilogue(state, make_tile(buf, cols, blocks, r0, rows, block));
+      }
+      epilogue.end_rows(state, r0, rows);
     }
   });
 }
 
 // ---- backward ------------------------------------------------------------------------
 
-// dx rows of one tile from dx̂ = dS·P̂, through the row normalisation when asked.
+// dx rows of one tile from dx̂ = dS·Ĉ, through the row normalisation when asked.
 template <typename scalar_t, typename acc_t>
 void write_input_grad(const TileBuffers<acc_t>& buf, int64_t rows, int64_t d, bool normalize,
                       scalar_t* out) {
@@ -250,16 +278,14 @@ void write_input_grad(const TileBuffers<acc_t>& buf, int64_t rows, int64_t d, bo
   }
 }
 
-// dP [C, K, D] in prototypes' dtype from the chunk partials of dP̂ [chunks, M, D]:
-// partials added in chunk order, then through the prototype normalisation.
+// dC in the shape and dtype of the column source, from the chunk partials of dĈ
+// [chunks, M, D]: partials added in chunk order, then through the column normalisation.
 template <typename scalar_t, typename acc_t>
-at::Tensor reduce_prototype_grad(const at::Tensor& partials, int64_t num_chunks,
-                                 const PreparedPrototypes<acc_t>& p, const at::Tensor& prototypes,
-                                 bool normalize) {
-  at::Tensor grad = at::empty_like(prototypes);
+at::Tensor reduce_column_grad(const at::Tensor& partials, int64_t num_chunks, const PreparedColumns<acc_t>& cols) {
+  at::Tensor grad = at::empty_like(cols.source);
   scalar_t* out = grad.data_ptr<scalar_t>();
   const acc_t* parts = num_chunks > 0 ? partials.const_data_ptr<acc_t>() : nullptr;
-  const int64_t d = p.dim, m = p.count;
+  const int64_t d = cols.dim, m = cols.count;
   at::parallel_for(0, m, row_grain(d * std::max<int64_t>(1, num_chunks)), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> row(d);
     for (int64_t j = begin; j < end; ++j) {
@@ -268,14 +294,14 @@ at::Tensor reduce_prototype_grad(const at::Tensor& partials, int64_t num_chunks,
         const acc_t* part = parts + (chunk * m + j) * d;
         for (int64_t e = 0; e < d; ++e) row[e] += part[e];
       }
-      scalar_t* dst = out + p.flat_index_of(j) * d;
-      if (!normalize) {
+      scalar_t* dst = out + cols.order.source_of(j) * d;
+      if (!cols.normalized) {
         for (int64_t e = 0; e < d; ++e) dst[e] = static_cast<scalar_t>(row[e]);
         continue;
       }
-      const acc_t* hat = p.hat + j * d;
-      const acc_t inv = inverse_norm(p.sum_sq[j]);
-      const bool clamped = norm_is_clamped(p.sum_sq[j]);
+      const acc_t* hat = cols.hat + j * d;
+      const acc_t inv = inverse_norm(cols.sum_sq[j]);
+      const bool clamped = norm_is_clamped(cols.sum_sq[j]);
       const acc_t g_dot = dot(row.data(), hat, d);
       for (int64_t e = 0; e < d; ++e) {
         dst[e] = static_cast<scalar_t>(normalize_backward(row[e], hat[e], g_dot, inv, clamped));
@@ -285,46 +311,52 @@ at::Tensor reduce_prototype_grad(const at::Tensor& partials, int64_t num_chunks,
   return grad;
 }
 
-// Backward through S = x̂·P̂ᵀ. Per tile: S_tile is recomputed when `recompute` is set,
-// fill(Tile) turns the tile buffer into dS_tile (in place), then dx̂ = dS·P̂ and, when
-// `need_prototype_grad`, dP̂ += dSᵀ·x̂. Returns (dx, dP or an empty tensor).
-template <typename scalar_t, typename acc_t, typename FillGrad>
-std::tuple<at::Tensor, at::Tensor> similarity_tiles_backward(
-    const at::Tensor& x, const at::Tensor& prototypes, const PreparedPrototypes<acc_t>& p,
-    bool normalize, bool recompute, bool need_prototype_grad, const FillGrad& fill) {
-  const int64_t d = x.size(1), m = p.count;
-  const TilePlan plan = TilePlan::make(x.size(0), need_prototype_grad);
+// Backward through S = x̂·Ĉᵀ with the client's gradient functor (see the concepts at the
+// top). Returns (dx, dC in the source's shape, or an empty tensor).
+template <typename scalar_t, typename acc_t, typename Gradient>
+std::tuple<at::Tensor, at::Tensor> similarity_backward_sweep(const at::Tensor& x,
+                                                             const PreparedColumns<acc_t>& cols,
+                                                             const BackwardOptions& options,
+                                                             const Gradient& gradient) {
+  const int64_t d = x.size(1), m = cols.count;
+  const TilePlan plan = TilePlan::make(x.size(0), options.need_column_grad);
+  const ColumnBlocks blocks = ColumnBlocks::make(m, options.column_block);
   at::Tensor grad_x = at::empty_like(x);
   at::Tensor partials;
-  if (need_prototype_grad && plan.num_chunks > 0) {
-    partials = at::empty({plan.num_chunks, m, d}, p.storage.options());
+  if (options.need_column_grad && plan.num_chunks > 0) {
+    partials = at::empty({plan.num_chunks, m, d}, cols.storage.options());
   }
   const scalar_t* x_data = x.const_data_ptr<scalar_t>();
   scalar_t* gx = grad_x.data_ptr<scalar_t>();
   acc_t* parts = partials.defined() ? partials.template data_ptr<acc_t>() : nullptr;
   at::parallel_for(0, plan.num_chunks, 1, [&](int64_t begin, int64_t end) {
-    TileBuffers<acc_t> buf(plan.tile_rows, d, m, true);
+    TileBuffers<acc_t> buf(plan.tile_rows, d, blocks.width, true);
+    auto state = gradient.make_state(TileShape{plan.tile_rows, blocks.width, m});
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       for (int64_t tile = plan.chunk_first_tile(chunk); tile < plan.chunk_end_tile(chunk); ++tile) {
         const int64_t r0 = plan.tile_begin(tile), rows = plan.tile_size(tile);
-        load_rows(x_data + r0 * d, rows, d, normalize, buf.x_hat, buf.sum_sq);
-        if (recompute) similarity_gemm(buf, rows, p);
-        fill(Tile<acc_t>{r0, rows, buf.s});
-        gemm_row_major<acc_t>(false, false, rows, d, m, buf.s, m, p.hat, d, false, buf.dx_hat, d);
-        write_input_grad(buf, rows, d, normalize, gx + r0 * d);
-        if (parts != nullptr) {
-          const bool accumulate = tile != plan.chunk_first_tile(chunk);
-          gemm_row_major<acc_t>(true, false, m, d, rows, buf.s, m, buf.x_hat, d, accumulate,
-                                parts + chunk * m * d, d);
+        const bool first_of_chunk = tile == plan.chunk_first_tile(chunk);
+        load_rows(x_data + r0 * d, rows, d, options.normalize_rows, buf.x_hat, buf.sum_sq);
+        if (blocks.count == 0) std::fill(buf.dx_hat, buf.dx_hat + rows * d, acc_t(0));
+        for (int64_t block = 0; block < blocks.count; ++block) {
+          const int64_t c0 = blocks.begin(block), width = blocks.size(block);
+          if (options.recompute) similarity_gemm(buf, rows, cols, blocks, block);
+          gradient(state, make_tile(buf, cols, blocks, r0, rows, block));
+          gemm_row_major<acc_t>(false, false, rows, d, width, buf.s, width, cols.hat + c0 * d, d, block > 0,
+                                buf.dx_hat, d);
+          if (parts != nullptr) {
+            gemm_row_major<acc_t>(true, false, width, d, rows, buf.s, width, buf.x_hat, d, !first_of_chunk,
+                                  parts + (chunk * m + c0) * d, d);
+          }
         }
+        write_input_grad(buf, rows, d, options.normalize_rows, gx + r0 * d);
       }
     }
   });
-  at::Tensor grad_p = need_prototype_grad
-                          ? reduce_prototype_grad<scalar_t, acc_t>(partials, plan.num_chunks, p,
-                                                                   prototypes, normalize)
-                          : at::empty({0}, prototypes.options());
-  return {grad_x, grad_p};
+  at::Tensor grad_columns = options.need_column_grad
+                                ? reduce_column_grad<scalar_t, acc_t>(partials, plan.num_chunks, cols)
+                                : at::empty({0}, cols.source.options());
+  return {grad_x, grad_columns};
 }
 
 }  // namespace protoseg::cpu

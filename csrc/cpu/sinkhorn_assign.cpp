@@ -11,9 +11,9 @@
 
 #include "common/math.h"
 #include "cpu/checks.h"
+#include "cpu/columns.h"
 #include "cpu/kernels.h"
 #include "cpu/segmented.h"
-#include "cpu/similarity_tiles.h"
 
 namespace protoseg::cpu {
 namespace {
@@ -26,8 +26,8 @@ constexpr const char* kFinalize = "protoseg_kernels::sinkhorn_finalize";
 template <typename scalar_t, typename acc_t>
 void logits_impl(const at::Tensor& x, const at::Tensor& prototypes, const at::Tensor& segment, bool normalize,
                  double epsilon, at::Tensor& out) {
-  const auto p = prepare_prototypes<scalar_t, acc_t>(prototypes, normalize, PrototypeOrder::ClassMajor);
-  const int64_t d = p.dim, per_class = p.per_class;
+  const auto p = prepare_prototypes<scalar_t, acc_t>(prototypes, normalize, ClassGrouping::ClassMajor);
+  const int64_t d = p.dim, classes = p.order.classes, per_class = p.order.per_class;
   const acc_t eps = static_cast<acc_t>(epsilon);
   const scalar_t* x_data = x.const_data_ptr<scalar_t>();
   const int64_t* seg = segment.const_data_ptr<int64_t>();
@@ -37,12 +37,12 @@ void logits_impl(const at::Tensor& x, const at::Tensor& prototypes, const at::Te
     acc_t sum_sq;
     for (int64_t i = begin; i < end; ++i) {
       acc_t* dst = logits + i * per_class;
-      if (!index_in_range(seg[i], p.classes)) {
+      if (!index_in_range(seg[i], classes)) {
         std::fill(dst, dst + per_class, acc_t(0));
         continue;
       }
       load_rows(x_data + i * d, 1, d, normalize, row.data(), &sum_sq);
-      const acc_t* own = p.hat + p.row_of(seg[i], 0) * d;  // the K prototypes of the class
+      const acc_t* own = p.hat + p.order.column_of(seg[i], 0) * d;  // the K prototypes of the class
       dot_rows(row.data(), own, per_class, d, dst);
       for (int64_t k = 0; k < per_class; ++k) dst[k] /= eps;
     }

@@ -8,8 +8,8 @@
 
 #include "common/math.h"
 #include "cpu/checks.h"
+#include "cpu/columns.h"
 #include "cpu/kernels.h"
-#include "cpu/similarity_tiles.h"
 
 namespace protoseg::cpu {
 namespace {
