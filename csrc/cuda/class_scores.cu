@@ -2,7 +2,8 @@
 // argmax) or τ·log Σ_k exp(S/τ), and optionally lse = log Σ_j exp(S_j/τ') over all C·K
 // prototypes, all in one sweep over the prototypes. Backward recomputes S tile by
 // tile (only when the rule needs it: the max path without lse routes the gradient
-// by the saved index alone).
+// by the saved index alone). On the column engine, the prototypes are M = C·K
+// unlabelled columns; the class grouping K is this op's parameter (per_class).
 #include "cuda/kernels.h"
 #include "cuda/similarity_backward.cuh"
 #include "cuda/similarity_sweep.cuh"
@@ -19,7 +20,8 @@ bool is_soft(c10::string_view reduction, const char* kernel) {
   return reduction == "logsumexp";
 }
 
-// One pixel's reductions, fed its similarities in prototype order (class by class).
+// One pixel's reductions, fed its similarities in prototype order (class by class:
+// K consecutive columns per class, counted here rather than divided out of the index).
 template <typename scalar_t, typename acc_t>
 struct ClassScoresVisitor {
   struct Params {
@@ -37,7 +39,7 @@ struct ClassScoresVisitor {
 
   PROTOSEG_DEVICE ClassScoresVisitor(const Params& params, int64_t row) : p(params), row(row) {}
 
-  PROTOSEG_DEVICE void visit(acc_t s) {
+  PROTOSEG_DEVICE void visit(Column, acc_t s) {
     if (slot == 0 || s > best) {  // strict: the first maximum wins ties
       best = s;
       best_slot = slot;
@@ -78,34 +80,45 @@ struct ClassScoresVisitor {
 // plus g_lse_i·softmax_j(S_i/τ')_ck/τ'.
 template <typename scalar_t, typename acc_t>
 struct ClassScoresGradient {
-  const scalar_t* grad_scores;  // [n, C] or null
-  const acc_t* grad_lse;        // [n] or null
-  const int64_t* index;         // [n, C]
-  const acc_t* class_lse;       // [n, C] (logsumexp) or null
-  const acc_t* lse;             // [n]
-  int64_t classes;
-  int64_t per_class;
-  bool soft;
-  acc_t inverse_temperature;
-  acc_t inverse_lse_temperature;
+  struct Params {
+    const scalar_t* grad_scores;  // [n, C] or null
+    const acc_t* grad_lse;        // [n] or null
+    const int64_t* index;         // [n, C]
+    const acc_t* class_lse;       // [n, C] (logsumexp) or null
+    const acc_t* lse;             // [n]
+    int64_t classes;
+    int64_t per_class;
+    bool soft;
+    acc_t inverse_temperature;
+    acc_t inverse_lse_temperature;
+  };
 
-  PROTOSEG_DEVICE bool needs_similarity() const { return grad_lse != nullptr || (grad_scores != nullptr && soft); }
+  PROTOSEG_DEVICE explicit ClassScoresGradient(const Params& params) : p(params) {}
 
-  PROTOSEG_DEVICE acc_t operator()(int64_t row, int64_t col, acc_t s) const {
+  PROTOSEG_DEVICE bool needs_similarity() const {
+    return p.grad_lse != nullptr || (p.grad_scores != nullptr && p.soft);
+  }
+
+  PROTOSEG_DEVICE acc_t operator()(int64_t row, Column column, acc_t s) const {
     acc_t g = acc_t(0);
-    if (grad_scores) {
-      const int64_t cls = col / per_class;
-      const int64_t at = row * classes + cls;
-      const acc_t upstream = to_acc(grad_scores[at]);
-      if (soft) {
-        g += upstream * exp(s * inverse_temperature - class_lse[at]);
-      } else if (index[at] == col - cls * per_class) {
+    if (p.grad_scores) {
+      const int64_t cls = column.index / p.per_class;
+      const int64_t at = row * p.classes + cls;
+      const acc_t upstream = to_acc(p.grad_scores[at]);
+      if (p.soft) {
+        g += upstream * exp(s * p.inverse_temperature - p.class_lse[at]);
+      } else if (p.index[at] == column.index - cls * p.per_class) {
         g += upstream;
       }
     }
-    if (grad_lse) g += grad_lse[row] * exp(s * inverse_lse_temperature - lse[row]) * inverse_lse_temperature;
+    if (p.grad_lse) {
+      g += p.grad_lse[row] * exp(s * p.inverse_lse_temperature - p.lse[row]) * p.inverse_lse_temperature;
+    }
     return g;
   }
+
+ private:
+  const Params& p;
 };
 
 template <typename scalar_t, typename acc_t>
@@ -196,19 +209,19 @@ TensorPair class_scores_backward(const OptionalTensor& grad_scores_arg, const Op
       params.class_lse = mutable_data<acc_t>(class_lse);
       launch_similarity_sweep<scalar_t, acc_t, Visitor>(prepared.ops, params, scope.stream());
     }
-    const ClassScoresGradient<scalar_t, acc_t> rule{
-        data_or_null<scalar_t>(grad_scores),
-        data_or_null<acc_t>(grad_lse),
-        data<int64_t>(index),
-        class_lse.defined() ? data<acc_t>(class_lse) : nullptr,
-        lse.defined() ? data<acc_t>(lse) : nullptr,
-        classes,
-        prototypes.size(1),
-        soft,
-        acc_t(1.0 / temperature),
-        lse_temperature ? acc_t(1.0 / *lse_temperature) : acc_t(0)};
-    result = similarity_backward_from_rule(x, prototypes, prepared, rule, normalize, need_prototype_grad,
-                                           scope.stream());
+    using Rule = ClassScoresGradient<scalar_t, acc_t>;
+    typename Rule::Params params{};
+    params.grad_scores = data_or_null<scalar_t>(grad_scores);
+    params.grad_lse = data_or_null<acc_t>(grad_lse);
+    params.index = data<int64_t>(index);
+    params.class_lse = class_lse.defined() ? data<acc_t>(class_lse) : nullptr;
+    params.lse = lse.defined() ? data<acc_t>(lse) : nullptr;
+    params.classes = classes;
+    params.per_class = prototypes.size(1);
+    params.soft = soft;
+    params.inverse_temperature = acc_t(1.0 / temperature);
+    params.inverse_lse_temperature = lse_temperature ? acc_t(1.0 / *lse_temperature) : acc_t(0);
+    result = similarity_backward_from_rule<Rule>(prepared, params, need_prototype_grad, scope.stream());
   });
   return result;
 }

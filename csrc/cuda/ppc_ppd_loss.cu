@@ -1,7 +1,8 @@
 // ppc_ppd_loss, per pixel: lse_i = log Σ_j exp(S_ij/τ) over all C·K prototypes (an
 // online log-sum-exp over the prototype sweep), ppc_i = lse_i − S_it/τ,
 // ppd_i = (1 − S_it)², zero where the target is ignored. Backward recomputes S tile by
-// tile, as Cut Cross-Entropy does.
+// tile, as Cut Cross-Entropy does. On the column engine the prototypes are M = C·K
+// unlabelled columns and the target is a flat column index.
 #include "cuda/kernels.h"
 #include "cuda/similarity_backward.cuh"
 #include "cuda/similarity_sweep.cuh"
@@ -26,10 +27,9 @@ struct PpcPpdVisitor {
   PROTOSEG_DEVICE PpcPpdVisitor(const Params& params, int64_t row)
       : p(params), row(row), target(row >= 0 ? params.target[row] : -1) {}
 
-  PROTOSEG_DEVICE void visit(acc_t s) {
+  PROTOSEG_DEVICE void visit(Column column, acc_t s) {
     all.add(s * p.inverse_temperature);
-    if (col == target) s_target = s;
-    ++col;
+    if (column.index == target) s_target = s;
   }
 
   PROTOSEG_DEVICE void finish() {
@@ -44,7 +44,6 @@ struct PpcPpdVisitor {
   const Params& p;
   int64_t row;
   int64_t target;
-  int64_t col = 0;
   acc_t s_target = acc_t(0);
   OnlineLogSumExp<acc_t> all;
 };
@@ -53,27 +52,35 @@ struct PpcPpdVisitor {
 // valid pixels, 0 elsewhere.
 template <typename acc_t>
 struct PpcPpdGradient {
-  const acc_t* grad_ppc;  // [n] or null
-  const acc_t* grad_ppd;  // [n] or null
-  const int64_t* target;  // [n]
-  const acc_t* lse;       // [n]
-  int64_t m;
-  acc_t inverse_temperature;
+  struct Params {
+    const acc_t* grad_ppc;  // [n] or null
+    const acc_t* grad_ppd;  // [n] or null
+    const int64_t* target;  // [n]
+    const acc_t* lse;       // [n]
+    int64_t m;
+    acc_t inverse_temperature;
+  };
 
-  PROTOSEG_DEVICE bool needs_similarity() const { return grad_ppc != nullptr || grad_ppd != nullptr; }
+  PROTOSEG_DEVICE explicit PpcPpdGradient(const Params& params) : p(params) {}
 
-  PROTOSEG_DEVICE acc_t operator()(int64_t row, int64_t col, acc_t s) const {
-    const int64_t t = target[row];
-    if (!index_in_range(t, m)) return acc_t(0);
+  PROTOSEG_DEVICE bool needs_similarity() const { return p.grad_ppc != nullptr || p.grad_ppd != nullptr; }
+
+  PROTOSEG_DEVICE acc_t operator()(int64_t row, Column column, acc_t s) const {
+    const int64_t t = p.target[row];
+    if (!index_in_range(t, p.m)) return acc_t(0);
+    const bool is_target = column.index == t;
     acc_t g = acc_t(0);
-    if (grad_ppc) {
-      const acc_t upstream = grad_ppc[row];
-      g += upstream * exp(s * inverse_temperature - lse[row]) * inverse_temperature;
-      if (col == t) g -= upstream * inverse_temperature;
+    if (p.grad_ppc) {
+      const acc_t upstream = p.grad_ppc[row];
+      g += upstream * exp(s * p.inverse_temperature - p.lse[row]) * p.inverse_temperature;
+      if (is_target) g -= upstream * p.inverse_temperature;
     }
-    if (grad_ppd && col == t) g -= acc_t(2) * grad_ppd[row] * (acc_t(1) - s);
+    if (p.grad_ppd && is_target) g -= acc_t(2) * p.grad_ppd[row] * (acc_t(1) - s);
     return g;
   }
+
+ private:
+  const Params& p;
 };
 
 void check_target(const char* kernel, const at::Tensor& target, const at::Tensor& x) {
@@ -104,9 +111,13 @@ TensorTriple ppc_ppd_forward(const at::Tensor& x_arg, const at::Tensor& prototyp
     using scalar_t = typename decltype(tag)::type;
     using acc_t = acc_type<scalar_t>;
     const auto prepared = prepare_operands<scalar_t, acc_t>(x, prototypes, normalize, scope.stream());
-    const typename PpcPpdVisitor<acc_t>::Params params{
-        data<int64_t>(target), mutable_data<acc_t>(ppc), mutable_data<acc_t>(ppd), mutable_data<acc_t>(lse),
-        prepared.ops.m,        acc_t(1.0 / temperature)};
+    typename PpcPpdVisitor<acc_t>::Params params{};
+    params.target = data<int64_t>(target);
+    params.ppc = mutable_data<acc_t>(ppc);
+    params.ppd = mutable_data<acc_t>(ppd);
+    params.lse = mutable_data<acc_t>(lse);
+    params.m = prepared.ops.columns.count;
+    params.inverse_temperature = acc_t(1.0 / temperature);
     launch_similarity_sweep<scalar_t, acc_t, PpcPpdVisitor<acc_t>>(prepared.ops, params, scope.stream());
   });
   return {ppc, ppd, lse};
@@ -136,14 +147,15 @@ TensorPair ppc_ppd_backward(const OptionalTensor& grad_ppc_arg, const OptionalTe
     using scalar_t = typename decltype(tag)::type;
     using acc_t = acc_type<scalar_t>;
     const auto prepared = prepare_operands<scalar_t, acc_t>(x, prototypes, normalize, scope.stream());
-    const PpcPpdGradient<acc_t> rule{data_or_null<acc_t>(grad_ppc),
-                                     data_or_null<acc_t>(grad_ppd),
-                                     data<int64_t>(target),
-                                     lse.defined() ? data<acc_t>(lse) : nullptr,
-                                     prepared.ops.m,
-                                     acc_t(1.0 / temperature)};
-    result = similarity_backward_from_rule(x, prototypes, prepared, rule, normalize, need_prototype_grad,
-                                           scope.stream());
+    using Rule = PpcPpdGradient<acc_t>;
+    typename Rule::Params params{};
+    params.grad_ppc = data_or_null<acc_t>(grad_ppc);
+    params.grad_ppd = data_or_null<acc_t>(grad_ppd);
+    params.target = data<int64_t>(target);
+    params.lse = lse.defined() ? data<acc_t>(lse) : nullptr;
+    params.m = prepared.ops.columns.count;
+    params.inverse_temperature = acc_t(1.0 / temperature);
+    result = similarity_backward_from_rule<Rule>(prepared, params, need_prototype_grad, scope.stream());
   });
   return result;
 }

@@ -1,5 +1,6 @@
 // prototype_similarity: S [N, C, K] = ⟨x̂_i, P̂_ck⟩ and its backward
-// (dx̂ = dS·P̂, dP̂ = dSᵀ·x̂, then through the normalisation).
+// (dx̂ = dS·P̂, dP̂ = dSᵀ·x̂, then through the normalisation), on the column engine
+// with the prototypes as M = C·K unlabelled columns.
 #include <array>
 
 #include "cuda/kernels.h"
@@ -25,11 +26,11 @@ __global__ void __launch_bounds__(kTileThreads, kTileBlocksPerSm)
 #pragma unroll
   for (int i = 0; i < kMicro; ++i) {
     const int64_t row = row0 + micro_row(i);
-    if (row >= ops.n) continue;
+    if (row >= ops.rows.count) continue;
 #pragma unroll
     for (int j = 0; j < kMicro; ++j) {
       const int64_t col = col0 + micro_col(j);
-      if (col < ops.m) similarity[row * ops.m + col] = from_acc<scalar_t>(acc.v[i][j]);
+      if (col < ops.columns.count) similarity[row * ops.columns.count + col] = from_acc<scalar_t>(acc.v[i][j]);
     }
   }
 }
@@ -37,12 +38,21 @@ __global__ void __launch_bounds__(kTileThreads, kTileBlocksPerSm)
 // dS = the upstream gradient itself: nothing to recompute.
 template <typename scalar_t, typename acc_t>
 struct UpstreamGradient {
-  const scalar_t* grad;  // [n, m]
-  int64_t m;
+  struct Params {
+    const scalar_t* grad;  // [n, m]
+    int64_t m;
+  };
+
+  PROTOSEG_DEVICE explicit UpstreamGradient(const Params& params) : p(params) {}
 
   PROTOSEG_DEVICE bool needs_similarity() const { return false; }
 
-  PROTOSEG_DEVICE acc_t operator()(int64_t row, int64_t col, acc_t) const { return to_acc(grad[row * m + col]); }
+  PROTOSEG_DEVICE acc_t operator()(int64_t row, Column column, acc_t) const {
+    return to_acc(p.grad[row * p.m + column.index]);
+  }
+
+ private:
+  const Params& p;
 };
 
 }  // namespace
@@ -59,8 +69,8 @@ at::Tensor similarity_forward(const at::Tensor& x_arg, const at::Tensor& prototy
     using acc_t = acc_type<scalar_t>;
     constexpr int kTile = TileConfig<acc_t>::kTile;
     const auto prepared = prepare_operands<scalar_t, acc_t>(x, prototypes, normalize, scope.stream());
-    const dim3 col_tiles = grid_for(prepared.ops.m, kTile);
-    TORCH_CHECK(col_tiles.x <= 65535u, kForward, ": too many prototypes (C·K = ", prepared.ops.m, ")");
+    const dim3 col_tiles = grid_for(prepared.ops.columns.count, kTile);
+    TORCH_CHECK(col_tiles.x <= 65535u, kForward, ": too many prototypes (C·K = ", prepared.ops.columns.count, ")");
     const dim3 grid(grid_for(n, kTile).x, col_tiles.x);
     PROTOSEG_LAUNCH((similarity_kernel<scalar_t, acc_t>), grid, dim3(kTileThreads), scope.stream(), prepared.ops,
                     mutable_data<scalar_t>(similarity));
@@ -84,9 +94,11 @@ TensorPair similarity_backward(const at::Tensor& grad_arg, const at::Tensor& x_a
     using scalar_t = typename decltype(tag)::type;
     using acc_t = acc_type<scalar_t>;
     const auto prepared = prepare_operands<scalar_t, acc_t>(x, prototypes, normalize, scope.stream());
-    const UpstreamGradient<scalar_t, acc_t> rule{data<scalar_t>(grad), m};
-    result = similarity_backward_from_rule(x, prototypes, prepared, rule, normalize, need_prototype_grad,
-                                           scope.stream());
+    using Rule = UpstreamGradient<scalar_t, acc_t>;
+    typename Rule::Params params{};
+    params.grad = data<scalar_t>(grad);
+    params.m = m;
+    result = similarity_backward_from_rule<Rule>(prepared, params, need_prototype_grad, scope.stream());
   });
   return result;
 }

@@ -1,17 +1,25 @@
-// Backward of every similarity-based op from an element-wise rule dS_ij = rule(i, j, S_ij):
+// Backward of every op built on the column engine, from an element-wise rule
+// dS_ij = rule(i, column j, S_ij):
 //
-//   dx̂ = dS · P̂   (grad_x_kernel: a block owns kTile pixels and sweeps the prototypes)
-//   dP̂ = dSᵀ · x̂  (grad_p_kernel: a block owns kTile prototypes and one split of the
-//                  pixels; splits are summed in a fixed order afterwards)
+//   dx̂ = dS · Ĉ   (grad_x_kernel: a block owns kTile rows and sweeps the columns)
+//   dĈ = dSᵀ · x̂  (grad_c_kernel: a block owns kTile columns and one split of the
+//                  rows; splits are summed in a fixed order afterwards)
 //
 // then through the normalisation (finalize_rows_kernel). dS is recomputed tile by
-// tile from S (never stored: nothing of size N·C·K), and every sum runs in a fixed
+// tile from S (never stored: nothing of size N·M), and every sum runs in a fixed
 // order without atomics, so gradients are bitwise reproducible.
 //
-// GradRule concept:
-//   bool needs_similarity() const;   // false: the rule ignores s (no recomputation);
-//                                    // the same for every thread of a launch
-//   acc_t operator()(int64_t row, int64_t col, acc_t s) const;
+// GradientRule concept (the op's side, like the sweep's Visitor):
+//   struct Rule {
+//     struct Params;                        // kernel argument: upstream gradients,
+//                                           // saved statistics, options; one struct
+//     explicit Rule(const Params&);
+//     bool needs_similarity() const;        // false: the rule ignores s (no
+//                                           // recomputation); uniform over a launch
+//     acc_t operator()(int64_t row, Column column, acc_t s) const;  // dS[row, column.index]
+//   };
+// The rule is called only inside [N, M); column.label is the column's label (or
+// kUnlabelled), so a label-masked loss needs nothing from the engine beyond this.
 #pragma once
 
 #include "cuda/similarity_tile.cuh"
@@ -19,7 +27,7 @@
 
 namespace protoseg::cuda {
 
-// grad_s[r][c] = rule(row0 + r, col0 + c, S) for the tile, zero outside [n, m).
+// grad_s[r][c] = rule(row0 + r, column col0 + c, S) for the tile, zero outside [n, m).
 template <typename scalar_t, typename acc_t, typename Rule>
 PROTOSEG_DEVICE void gradient_tile(const SimilarityOperands<scalar_t, acc_t>& ops, const Rule& rule, int64_t row0,
                                    int64_t col0, DepthSlices<acc_t>& slices, SharedTile<acc_t>& grad_s) {
@@ -36,7 +44,8 @@ PROTOSEG_DEVICE void gradient_tile(const SimilarityOperands<scalar_t, acc_t>& op
 #pragma unroll
     for (int j = 0; j < kMicro; ++j) {
       const int64_t col = col0 + micro_col(j);
-      grad_s[micro_row(i)][micro_col(j)] = (row < ops.n && col < ops.m) ? rule(row, col, s.v[i][j]) : acc_t(0);
+      const bool inside = row < ops.rows.count && col < ops.columns.count;
+      grad_s[micro_row(i)][micro_col(j)] = inside ? rule(row, ops.column(col), s.v[i][j]) : acc_t(0);
     }
   }
 }
@@ -61,24 +70,25 @@ PROTOSEG_DEVICE void accumulate_rows(acc_t* out, int64_t rows, int64_t d, int64_
   }
 }
 
-// grad_x_hat [n, d] = dS · P̂ for the kTile pixels of this block (rows owned by the
+// grad_x_hat [n, d] = dS · Ĉ for the kTile rows of this block (rows owned by the
 // block: plain read-modify-write, no atomics).
 template <typename scalar_t, typename acc_t, typename Rule>
 __global__ void __launch_bounds__(kTileThreads, kTileBlocksPerSm)
-    grad_x_kernel(SimilarityOperands<scalar_t, acc_t> ops, Rule rule, acc_t* grad_x_hat) {
+    grad_x_kernel(SimilarityOperands<scalar_t, acc_t> ops, typename Rule::Params params, acc_t* grad_x_hat) {
   constexpr int kTile = TileConfig<acc_t>::kTile;
   constexpr int kMicro = TileConfig<acc_t>::kMicro;
   __shared__ DepthSlices<acc_t> slices;
-  __shared__ SharedTile<acc_t> grad_s;       // [pixel][prototype]
-  __shared__ SharedTile<acc_t> prototype_tile;  // [prototype][feature]
+  __shared__ SharedTile<acc_t> grad_s;       // [row][column]
+  __shared__ SharedTile<acc_t> column_tile;  // [column][feature]
 
+  const Rule rule(params);
   const int64_t row0 = int64_t(blockIdx.x) * kTile;
-  for (int64_t col0 = 0; col0 < ops.m; col0 += kTile) {
+  for (int64_t col0 = 0; col0 < ops.columns.count; col0 += kTile) {
     __syncthreads();  // the previous step's tiles have been consumed
     gradient_tile(ops, rule, row0, col0, slices, grad_s);
     for (int64_t k0 = 0; k0 < ops.d; k0 += kTile) {
       __syncthreads();
-      stage_scaled_rows(ops.prototypes, ops.p_inverse_norm, ops.m, ops.d, col0, k0, prototype_tile);
+      stage_scaled_rows(ops.columns, ops.d, col0, k0, column_tile);
       __syncthreads();
       MicroTile<acc_t> acc;
       acc.fill(acc_t(0));
@@ -87,43 +97,45 @@ __global__ void __launch_bounds__(kTileThreads, kTileBlocksPerSm)
 #pragma unroll
         for (int i = 0; i < kMicro; ++i) {
           g[i] = grad_s[micro_row(i)][c];
-          p[i] = prototype_tile[c][micro_col(i)];
+          p[i] = column_tile[c][micro_col(i)];
         }
 #pragma unroll
         for (int i = 0; i < kMicro; ++i)
 #pragma unroll
           for (int j = 0; j < kMicro; ++j) acc.v[i][j] += g[i] * p[j];
       }
-      accumulate_rows(grad_x_hat, ops.n, ops.d, row0, k0, acc, col0 == 0);
+      accumulate_rows(grad_x_hat, ops.rows.count, ops.d, row0, k0, acc, col0 == 0);
     }
   }
 }
 
-// partial[split] [m, d] = dSᵀ · x̂ over the pixel tiles of this split, for the kTile
-// prototypes of this block.
+// partial[split] [m, d] = dSᵀ · x̂ over the row tiles of this split, for the kTile
+// columns of this block.
 template <typename scalar_t, typename acc_t, typename Rule>
 __global__ void __launch_bounds__(kTileThreads, kTileBlocksPerSm)
-    grad_p_kernel(SimilarityOperands<scalar_t, acc_t> ops, Rule rule, acc_t* partial, int64_t tiles_per_split) {
+    grad_c_kernel(SimilarityOperands<scalar_t, acc_t> ops, typename Rule::Params params, acc_t* partial,
+                  int64_t tiles_per_split) {
   constexpr int kTile = TileConfig<acc_t>::kTile;
   constexpr int kMicro = TileConfig<acc_t>::kMicro;
   __shared__ DepthSlices<acc_t> slices;
-  __shared__ SharedTile<acc_t> grad_s;  // [pixel][prototype]
-  __shared__ SharedTile<acc_t> x_tile;  // [pixel][feature]
+  __shared__ SharedTile<acc_t> grad_s;  // [row][column]
+  __shared__ SharedTile<acc_t> x_tile;  // [row][feature]
 
+  const Rule rule(params);
   const int64_t col0 = int64_t(blockIdx.x) * kTile;
-  const int64_t row_tiles = (ops.n + kTile - 1) / kTile;
+  const int64_t row_tiles = (ops.rows.count + kTile - 1) / kTile;
   const int64_t first_tile = int64_t(blockIdx.y) * tiles_per_split;
   const int64_t end_tile = first_tile + tiles_per_split < row_tiles ? first_tile + tiles_per_split : row_tiles;
-  acc_t* out = partial + int64_t(blockIdx.y) * ops.m * ops.d;
+  acc_t* out = partial + int64_t(blockIdx.y) * ops.columns.count * ops.d;
   for (int64_t t = first_tile; t < end_tile; ++t) {
     const int64_t row0 = t * kTile;
     __syncthreads();
     gradient_tile(ops, rule, row0, col0, slices, grad_s);
     for (int64_t k0 = 0; k0 < ops.d; k0 += kTile) {
       __syncthreads();
-      stage_scaled_rows(ops.x, ops.x_inverse_norm, ops.n, ops.d, row0, k0, x_tile);
+      stage_scaled_rows(ops.rows, ops.d, row0, k0, x_tile);
       __syncthreads();
-      MicroTile<acc_t> acc;  // rows: prototypes, columns: features
+      MicroTile<acc_t> acc;  // rows: columns of S, columns: features
       acc.fill(acc_t(0));
       for (int r = 0; r < kTile; ++r) {
         acc_t g[kMicro], v[kMicro];
@@ -137,7 +149,7 @@ __global__ void __launch_bounds__(kTileThreads, kTileBlocksPerSm)
 #pragma unroll
           for (int j = 0; j < kMicro; ++j) acc.v[i][j] += g[i] * v[j];
       }
-      accumulate_rows(out, ops.m, ops.d, col0, k0, acc, t == first_tile);
+      accumulate_rows(out, ops.columns.count, ops.d, col0, k0, acc, t == first_tile);
     }
   }
 }
@@ -173,49 +185,49 @@ __global__ void __launch_bounds__(kRowThreads, kSmallKernelBlocksPerSm)
   }
 }
 
-// Pixel splits of the prototype gradient: enough blocks to fill a GPU (about 256), every
+// Row splits of the column gradient: enough blocks to fill a GPU (about 256), every
 // split non-empty. Depends on the shapes only, so the summation order is reproducible.
-inline int64_t prototype_grad_tiles_per_split(int64_t row_tiles, int64_t col_tiles) {
+inline int64_t column_grad_tiles_per_split(int64_t row_tiles, int64_t col_tiles) {
   constexpr int64_t kTargetBlocks = 256;
   const int64_t wanted_splits = ceil_div(kTargetBlocks, col_tiles);
   const int64_t splits = wanted_splits < row_tiles ? wanted_splits : row_tiles;
   return ceil_div(row_tiles, splits);
 }
 
-// (grad_x [n, d] in x's dtype, grad_prototypes [C, K, d] in their dtype, or an empty
-// tensor when not needed) for the rule.
-template <typename scalar_t, typename acc_t, typename Rule>
-std::tuple<at::Tensor, at::Tensor> similarity_backward_from_rule(const at::Tensor& x, const at::Tensor& prototypes,
-                                                                 const PreparedOperands<scalar_t, acc_t>& prepared,
-                                                                 const Rule& rule, bool normalize,
-                                                                 bool need_prototype_grad, cudaStream_t stream) {
+// (grad_x [n, d] in x's dtype, grad_columns shaped like the prepared columns tensor in
+// its dtype, or an empty tensor when not needed) for the rule with `params`.
+template <typename Rule, typename scalar_t, typename acc_t>
+std::tuple<at::Tensor, at::Tensor> similarity_backward_from_rule(const PreparedOperands<scalar_t, acc_t>& prepared,
+                                                                 const typename Rule::Params& params,
+                                                                 bool need_column_grad, cudaStream_t stream) {
   constexpr int kTile = TileConfig<acc_t>::kTile;
   const auto& ops = prepared.ops;
-  const at::TensorOptions acc_options = x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const int64_t n = ops.rows.count, m = ops.columns.count, d = ops.d;
+  const at::TensorOptions acc_options = prepared.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
 
-  at::Tensor grad_x = at::empty_like(x);
-  at::Tensor grad_x_hat = at::empty({ops.n, ops.d}, acc_options);
-  PROTOSEG_LAUNCH((grad_x_kernel<scalar_t, acc_t, Rule>), grid_for(ops.n, kTile), dim3(kTileThreads), stream, ops,
-                  rule, mutable_data<acc_t>(grad_x_hat));
-  PROTOSEG_LAUNCH((finalize_rows_kernel<scalar_t, acc_t>), grid_for(ops.n, kRowsPerBlock), dim3(kRowThreads), stream,
-                  mutable_data<acc_t>(grad_x_hat), int64_t(1), data<scalar_t>(x), mutable_data<scalar_t>(grad_x),
-                  ops.n, ops.d, normalize);
-  if (!need_prototype_grad) return {grad_x, at::empty({0}, prototypes.options())};
+  at::Tensor grad_x = at::empty_like(prepared.x);
+  at::Tensor grad_x_hat = at::empty({n, d}, acc_options);
+  PROTOSEG_LAUNCH((grad_x_kernel<scalar_t, acc_t, Rule>), grid_for(n, kTile), dim3(kTileThreads), stream, ops,
+                  params, mutable_data<acc_t>(grad_x_hat));
+  PROTOSEG_LAUNCH((finalize_rows_kernel<scalar_t, acc_t>), grid_for(n, kRowsPerBlock), dim3(kRowThreads), stream,
+                  mutable_data<acc_t>(grad_x_hat), int64_t(1), ops.rows.data, mutable_data<scalar_t>(grad_x), n, d,
+                  prepared.normalize);
+  if (!need_column_grad) return {grad_x, at::empty({0}, prepared.columns.options())};
 
-  at::Tensor grad_p = at::empty_like(prototypes);
-  if (ops.n == 0) return {grad_x, grad_p.zero_()};
-  const int64_t row_tiles = ceil_div(ops.n, kTile);
-  const int64_t col_tiles = ceil_div(ops.m, kTile);
-  const int64_t tiles_per_split = prototype_grad_tiles_per_split(row_tiles, col_tiles);
+  at::Tensor grad_c = at::empty_like(prepared.columns);
+  if (n == 0) return {grad_x, grad_c.zero_()};
+  const int64_t row_tiles = ceil_div(n, kTile);
+  const int64_t col_tiles = ceil_div(m, kTile);
+  const int64_t tiles_per_split = column_grad_tiles_per_split(row_tiles, col_tiles);
   const int64_t splits = ceil_div(row_tiles, tiles_per_split);
-  at::Tensor partial = at::empty({splits, ops.m, ops.d}, acc_options);
-  const dim3 grid(grid_for(ops.m, kTile).x, static_cast<unsigned int>(splits));
-  PROTOSEG_LAUNCH((grad_p_kernel<scalar_t, acc_t, Rule>), grid, dim3(kTileThreads), stream, ops, rule,
+  at::Tensor partial = at::empty({splits, m, d}, acc_options);
+  const dim3 grid(grid_for(m, kTile).x, static_cast<unsigned int>(splits));
+  PROTOSEG_LAUNCH((grad_c_kernel<scalar_t, acc_t, Rule>), grid, dim3(kTileThreads), stream, ops, params,
                   mutable_data<acc_t>(partial), tiles_per_split);
-  PROTOSEG_LAUNCH((finalize_rows_kernel<scalar_t, acc_t>), grid_for(ops.m, kRowsPerBlock), dim3(kRowThreads), stream,
-                  mutable_data<acc_t>(partial), splits, data<scalar_t>(prototypes), mutable_data<scalar_t>(grad_p),
-                  ops.m, ops.d, normalize);
-  return {grad_x, grad_p};
+  PROTOSEG_LAUNCH((finalize_rows_kernel<scalar_t, acc_t>), grid_for(m, kRowsPerBlock), dim3(kRowThreads), stream,
+                  mutable_data<acc_t>(partial), splits, ops.columns.data, mutable_data<scalar_t>(grad_c), m, d,
+                  prepared.normalize);
+  return {grad_x, grad_c};
 }
 
 }  // namespace protoseg::cuda

@@ -1,16 +1,26 @@
-// Forward passes that reduce each pixel's C·K similarities (class scores, PPC/PPD):
-// a block owns kTile pixels and sweeps over all prototypes in tiles of kTile, like
-// the key loop of FlashAttention. Each similarity tile goes through shared memory to
-// one thread per pixel, which feeds the tile's columns in prototype order to a
-// per-pixel Visitor kept in registers across tiles. Nothing of size N·C·K exists.
+// The forward sweep of the column engine, for ops that reduce each row's M similarities
+// to a few values per row (class scores, PPC/PPD; a label-masked log-sum-exp over a
+// memory bank, SPEC §10): a block owns kTile rows and sweeps over all columns in tiles
+// of kTile, like the key loop of FlashAttention. Each similarity tile goes through
+// shared memory to one thread per row, which feeds the tile's columns in column order
+// to a per-row Visitor kept in registers across tiles. Nothing of size N·M exists.
 //
-// Visitor concept:
+// Visitor concept (the op's side; the engine never looks inside Params):
 //   struct Visitor {
-//     struct Params;                               // kernel argument (outputs, options)
-//     Visitor(const Params&, int64_t row);         // row < 0: the thread owns no pixel
-//     void visit(acc_t s);                         // S[row, j] for j = 0, 1, ... in order
-//     void finish();                               // after the last prototype
+//     struct Params;                          // kernel argument: outputs, saved inputs
+//                                             // (row labels, ...), options; one struct
+//     Visitor(const Params&, int64_t row);    // row < 0: the thread owns no row, and
+//                                             // no other member is called
+//     void visit(Column column, acc_t s);     // s = S[row, column.index], called for
+//                                             // column.index = 0, 1, ..., M − 1 in order,
+//                                             // column.label its label (or kUnlabelled)
+//     void finish();                          // after the last column
 //   };
+// The visit order is fixed, so a visitor's online reductions are bitwise reproducible.
+// An op with a class grouping (prototypes: K per class) keeps it in its Params; a
+// label-driven op reads its row's label in the constructor and compares it with
+// column.label in visit. Two-pass statistics (e.g. the positives' terms of SPEC §10,
+// which need the negatives' sum first) are two sweeps with two visitors.
 #pragma once
 
 #include "cuda/similarity_tile.cuh"
@@ -26,30 +36,30 @@ __global__ void __launch_bounds__(kTileThreads, kTileBlocksPerSm)
 
   const int local_row = threadIdx.x;
   const int64_t row0 = int64_t(blockIdx.x) * kTile;
-  const bool owns_row = local_row < kTile && row0 + local_row < ops.n;
+  const bool owns_row = local_row < kTile && row0 + local_row < ops.rows.count;
   Visitor visitor(params, owns_row ? row0 + local_row : int64_t(-1));
 
-  for (int64_t col0 = 0; col0 < ops.m; col0 += kTile) {
+  for (int64_t col0 = 0; col0 < ops.columns.count; col0 += kTile) {
     MicroTile<acc_t> acc;
     similarity_micro_tile(ops, row0, col0, slices, acc);
     store_micro_tile(acc, tile);
     __syncthreads();
     if (owns_row) {
-      const int64_t remaining = ops.m - col0;
+      const int64_t remaining = ops.columns.count - col0;
       const int cols = remaining < kTile ? int(remaining) : kTile;
-      for (int c = 0; c < cols; ++c) visitor.visit(tile[local_row][c]);
+      for (int c = 0; c < cols; ++c) visitor.visit(ops.column(col0 + c), tile[local_row][c]);
     }
     __syncthreads();  // the tile is read before the next sweep step overwrites it
   }
   if (owns_row) visitor.finish();
 }
 
-// Runs the sweep of Visitor over every pixel of x.
+// Runs the sweep of Visitor over every row of the operands.
 template <typename scalar_t, typename acc_t, typename Visitor>
 void launch_similarity_sweep(const SimilarityOperands<scalar_t, acc_t>& ops, const typename Visitor::Params& params,
                              cudaStream_t stream) {
-  PROTOSEG_LAUNCH((similarity_sweep_kernel<scalar_t, acc_t, Visitor>), grid_for(ops.n, TileConfig<acc_t>::kTile),
-                  dim3(kTileThreads), stream, ops, params);
+  PROTOSEG_LAUNCH((similarity_sweep_kernel<scalar_t, acc_t, Visitor>),
+                  grid_for(ops.rows.count, TileConfig<acc_t>::kTile), dim3(kTileThreads), stream, ops, params);
 }
 
 }  // namespace protoseg::cuda

@@ -1,7 +1,8 @@
 // The similarity tile every GEMM-shaped kernel is built on: S[rows, cols] =
-// ⟨x̂_row, P̂_col⟩ for a square tile of kTile pixels × kTile prototypes, staged through
-// shared memory one depth slice of kDepth features at a time, accumulated in acc_t
-// (fp32, or fp64 for fp64 inputs) whatever the element type.
+// ⟨x̂_row, ĉ_col⟩ (similarity_operands.cuh: rows x against a general column set) for a
+// square tile of kTile rows × kTile columns, staged through shared memory one depth
+// slice of kDepth features at a time, accumulated in acc_t (fp32, or fp64 for fp64
+// inputs) whatever the element type.
 //
 // A block has 16 × 16 threads; thread (ty, tx) owns the kMicro × kMicro elements
 // (ty + 16·a, tx + 16·b) of the tile. The strided ownership keeps the shared-memory
@@ -12,7 +13,7 @@
 
 #include "cuda/host.h"
 #include "cuda/numeric.cuh"
-#include "cuda/row_norms.cuh"
+#include "cuda/similarity_operands.cuh"
 
 namespace protoseg::cuda {
 
@@ -39,18 +40,6 @@ struct TileConfig<double> {
   static constexpr int kDepth = 16;
 };
 
-// The operands of a similarity: raw rows and, when normalising, their inverse norms.
-template <typename scalar_t, typename acc_t>
-struct SimilarityOperands {
-  const scalar_t* x;           // [n, d]
-  const scalar_t* prototypes;  // [m, d], m = C·K
-  const acc_t* x_inverse_norm;  // [n], or null for raw dot products
-  const acc_t* p_inverse_norm;  // [m], or null
-  int64_t n;
-  int64_t m;
-  int64_t d;
-};
-
 // A square shared tile with one padding column (so column walks do not share a bank).
 template <typename acc_t>
 using SharedTile = acc_t[TileConfig<acc_t>::kTile][TileConfig<acc_t>::kTile + 1];
@@ -59,7 +48,7 @@ using SharedTile = acc_t[TileConfig<acc_t>::kTile][TileConfig<acc_t>::kTile + 1]
 template <typename acc_t>
 struct DepthSlices {
   acc_t x[TileConfig<acc_t>::kDepth][TileConfig<acc_t>::kTile + 1];
-  acc_t p[TileConfig<acc_t>::kDepth][TileConfig<acc_t>::kTile + 1];
+  acc_t c[TileConfig<acc_t>::kDepth][TileConfig<acc_t>::kTile + 1];
 };
 
 template <typename acc_t>
@@ -85,7 +74,7 @@ PROTOSEG_DEVICE int micro_col(int b) { return tile_tx() + kTileSide * b; }
 // dst[k][r] = src[first + r, k0 + k] for r < kTile, k < kDepth; zero outside the
 // [count, d] matrix, so ragged edges add nothing to the products.
 template <typename acc_t, typename scalar_t>
-PROTOSEG_DEVICE void stage_depth_slice(const scalar_t* src, int64_t count, int64_t d, int64_t first, int64_t k0,
+PROTOSEG_DEVICE void stage_depth_slice(const Vectors<scalar_t, acc_t>& src, int64_t d, int64_t first, int64_t k0,
                                        acc_t (*dst)[TileConfig<acc_t>::kTile + 1]) {
   constexpr int kTile = TileConfig<acc_t>::kTile;
   constexpr int kDepth = TileConfig<acc_t>::kDepth;
@@ -94,15 +83,15 @@ PROTOSEG_DEVICE void stage_depth_slice(const scalar_t* src, int64_t count, int64
     const int k = e % kDepth;
     const int64_t row = first + r;
     const int64_t col = k0 + k;
-    dst[k][r] = (row < count && col < d) ? to_acc(src[row * d + col]) : acc_t(0);
+    dst[k][r] = (row < src.count && col < d) ? to_acc(src.data[row * d + col]) : acc_t(0);
   }
 }
 
-// dst[r][c] = src[first + r, k0 + c] · scale[first + r] for a square kTile tile, zero
-// outside the [count, d] matrix (the operand of the backward products).
+// dst[r][c] = src[first + r, k0 + c] · inverse_norm[first + r] for a square kTile tile,
+// zero outside the [count, d] matrix (the operand of the backward products).
 template <typename acc_t, typename scalar_t>
-PROTOSEG_DEVICE void stage_scaled_rows(const scalar_t* src, const acc_t* scale, int64_t count, int64_t d,
-                                       int64_t first, int64_t k0, SharedTile<acc_t>& dst) {
+PROTOSEG_DEVICE void stage_scaled_rows(const Vectors<scalar_t, acc_t>& src, int64_t d, int64_t first, int64_t k0,
+                                       SharedTile<acc_t>& dst) {
   constexpr int kTile = TileConfig<acc_t>::kTile;
   for (int e = threadIdx.x; e < kTile * kTile; e += kTileThreads) {
     const int r = e / kTile;
@@ -110,7 +99,9 @@ PROTOSEG_DEVICE void stage_scaled_rows(const scalar_t* src, const acc_t* scale, 
     const int64_t row = first + r;
     const int64_t col = k0 + c;
     acc_t value = acc_t(0);
-    if (row < count && col < d) value = to_acc(src[row * d + col]) * (scale ? scale[row] : acc_t(1));
+    if (row < src.count && col < d) {
+      value = to_acc(src.data[row * d + col]) * (src.inverse_norm ? src.inverse_norm[row] : acc_t(1));
+    }
     dst[r][c] = value;
   }
 }
@@ -125,8 +116,8 @@ PROTOSEG_DEVICE void similarity_micro_tile(const SimilarityOperands<scalar_t, ac
   acc.fill(acc_t(0));
   for (int64_t k0 = 0; k0 < ops.d; k0 += kDepth) {
     __syncthreads();  // the previous slice has been consumed
-    stage_depth_slice(ops.x, ops.n, ops.d, row0, k0, slices.x);
-    stage_depth_slice(ops.prototypes, ops.m, ops.d, col0, k0, slices.p);
+    stage_depth_slice(ops.rows, ops.d, row0, k0, slices.x);
+    stage_depth_slice(ops.columns, ops.d, col0, k0, slices.c);
     __syncthreads();
 #pragma unroll
     for (int k = 0; k < kDepth; ++k) {
@@ -134,7 +125,7 @@ PROTOSEG_DEVICE void similarity_micro_tile(const SimilarityOperands<scalar_t, ac
 #pragma unroll
       for (int i = 0; i < kMicro; ++i) {
         a[i] = slices.x[k][micro_row(i)];
-        b[i] = slices.p[k][micro_col(i)];
+        b[i] = slices.c[k][micro_col(i)];
       }
 #pragma unroll
       for (int i = 0; i < kMicro; ++i)
@@ -144,14 +135,9 @@ PROTOSEG_DEVICE void similarity_micro_tile(const SimilarityOperands<scalar_t, ac
   }
 #pragma unroll
   for (int i = 0; i < kMicro; ++i) {
-    const int64_t row = row0 + micro_row(i);
-    const acc_t sx = (ops.x_inverse_norm && row < ops.n) ? ops.x_inverse_norm[row] : acc_t(1);
+    const acc_t sx = ops.rows.scale(row0 + micro_row(i));
 #pragma unroll
-    for (int j = 0; j < kMicro; ++j) {
-      const int64_t col = col0 + micro_col(j);
-      const acc_t sp = (ops.p_inverse_norm && col < ops.m) ? ops.p_inverse_norm[col] : acc_t(1);
-      acc.v[i][j] *= sx * sp;
-    }
+    for (int j = 0; j < kMicro; ++j) acc.v[i][j] *= sx * ops.columns.scale(col0 + micro_col(j));
   }
 }
 
@@ -163,29 +149,6 @@ PROTOSEG_DEVICE void store_micro_tile(const MicroTile<acc_t>& acc, SharedTile<ac
   for (int i = 0; i < kMicro; ++i)
 #pragma unroll
     for (int j = 0; j < kMicro; ++j) tile[micro_row(i)][micro_col(j)] = acc.v[i][j];
-}
-
-// The operands of a launch with the inverse norms they point to (kept alive here).
-template <typename scalar_t, typename acc_t>
-struct PreparedOperands {
-  at::Tensor x_inverse;
-  at::Tensor p_inverse;
-  SimilarityOperands<scalar_t, acc_t> ops;
-};
-
-// x [n, d] and prototypes [C, K, d] (contiguous), normalised by their inverse norms
-// when `normalize`.
-template <typename scalar_t, typename acc_t>
-PreparedOperands<scalar_t, acc_t> prepare_operands(const at::Tensor& x, const at::Tensor& prototypes, bool normalize,
-                                                   cudaStream_t stream) {
-  const int64_t n = x.size(0), d = x.size(1), m = prototypes.size(0) * prototypes.size(1);
-  PreparedOperands<scalar_t, acc_t> prepared;
-  prepared.x_inverse = inverse_norms<scalar_t, acc_t>(x, n, d, normalize, stream);
-  prepared.p_inverse = inverse_norms<scalar_t, acc_t>(prototypes, m, d, normalize, stream);
-  prepared.ops = SimilarityOperands<scalar_t, acc_t>{
-      data<scalar_t>(x), data<scalar_t>(prototypes), data_if_defined<acc_t>(prepared.x_inverse),
-      data_if_defined<acc_t>(prepared.p_inverse), n, m, d};
-  return prepared;
 }
 
 }  // namespace protoseg::cuda

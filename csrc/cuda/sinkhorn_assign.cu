@@ -21,22 +21,22 @@ __global__ void __launch_bounds__(kRowThreads, kSmallKernelBlocksPerSm)
     logits_kernel(SimilarityOperands<scalar_t, acc_t> ops, const int64_t* segment, int64_t classes,
                   int64_t per_class, acc_t epsilon, acc_t* logits) {
   const int64_t i = global_warp_index();
-  if (i >= ops.n) return;  // uniform over the warp
+  if (i >= ops.rows.count) return;  // uniform over the warp
   acc_t* out = logits + i * per_class;
   const int64_t cls = segment[i];
   if (!index_in_range(cls, classes)) {
     for (int64_t k = lane_index(); k < per_class; k += kWarpSize) out[k] = acc_t(0);
     return;
   }
-  const scalar_t* x_row = ops.x + i * ops.d;
-  const acc_t sx = ops.x_inverse_norm ? ops.x_inverse_norm[i] : acc_t(1);
+  const scalar_t* x_row = ops.rows.data + i * ops.d;
+  const acc_t sx = ops.rows.scale(i);
   for (int64_t k = 0; k < per_class; ++k) {
     const int64_t j = cls * per_class + k;
-    const scalar_t* p_row = ops.prototypes + j * ops.d;
+    const scalar_t* p_row = ops.columns.data + j * ops.d;
     acc_t dot = acc_t(0);
     for (int64_t f = lane_index(); f < ops.d; f += kWarpSize) dot += to_acc(x_row[f]) * to_acc(p_row[f]);
     dot = warp_sum(dot);
-    const acc_t sp = ops.p_inverse_norm ? ops.p_inverse_norm[j] : acc_t(1);
+    const acc_t sp = ops.columns.scale(j);
     if (lane_index() == 0) out[k] = dot * sx * sp / epsilon;
   }
 }
