@@ -1,9 +1,10 @@
 """The ``triton`` backend: fused Triton kernels for CUDA tensors (SPEC §4).
 
 One module per op implements its kernels of the contract in
-:mod:`protoseg_kernels._kernel_interface`; ``_tiles`` (device helpers),
-``_similarity_grads`` (the backward GEMMs), ``_norms``, ``_config`` (block sizes)
-and ``_host`` (launching) are shared.
+:mod:`protoseg_kernels._kernel_interface`; the similarity engine on columns
+[M, D] with optional labels (``_columns``, ``_tiles`` device helpers, ``_sweep``
+the forward row sweep, ``_similarity_grads`` the backward GEMMs), ``_norms``,
+``_config`` (block sizes) and ``_host`` (launching) are shared.
 
 The kernels serve CUDA tensors (compute capability 8.0+), in float16, bfloat16 and
 float32. With ``TRITON_INTERPRET=1`` set before this package is imported, Triton

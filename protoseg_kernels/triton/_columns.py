@@ -75,6 +75,12 @@ class Columns:
         """Prototypes [C, K, D] as C groups of K columns."""
         return cls(rows_view(prototypes), group=prototypes.shape[1])
 
+    def check_rows(self, x: Tensor) -> None:
+        """x [N, D] must have the columns' D."""
+        if x.dim() != 2 or x.shape[1] != self.values.shape[1]:
+            raise ValueError(f"similarity: x must be [N, D] with the columns' D = {self.values.shape[1]}, "
+                             f"got shape {tuple(x.shape)}")
+
     @property
     def m(self) -> int:
         return self.values.shape[0]

@@ -194,9 +194,7 @@ class _Problem:
     """Shapes, tiles and the kernel arguments shared by the dx and dW passes."""
 
     def __init__(self, x: Tensor, columns: Columns, source: GradientSource, normalize: bool) -> None:
-        if x.shape[1] != columns.values.shape[1]:
-            raise ValueError(f"similarity: x [N, D] and the columns [M, D] differ in D: {x.shape[1]} vs "
-                             f"{columns.values.shape[1]}")
+        columns.check_rows(x)
         self.columns = columns
         self.tiles = gradient_tiles(x.device, x.dtype, columns.num_groups, columns.group, source.layout)
         self.inv_x, self.inv_p = inverse_norms(x, normalize), inverse_norms(columns.values, normalize)

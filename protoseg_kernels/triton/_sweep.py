@@ -66,9 +66,7 @@ def _row_sweep_kernel(
 
 def row_sweep(x: Tensor, columns: Columns, client: SweepClient, normalize: bool, tiles: GemmTiles) -> None:
     """Run ``client`` over every row of x against every column tile of ``columns``."""
-    if x.shape[1] != columns.values.shape[1]:
-        raise ValueError(f"similarity: x [N, D] and the columns [M, D] differ in D: {x.shape[1]} vs "
-                         f"{columns.values.shape[1]}")
+    columns.check_rows(x)
     launch(_row_sweep_kernel, (triton.cdiv(x.shape[0], tiles.block_n),), row_args(x), columns.kernel_arg(),
            inverse_norms(columns.values, normalize), client.args, START=client.start, STEP=client.step,
            FINISH=client.finish, FLAGS=client.flags, NORMALIZE=normalize, **tiles.constexprs(),
