@@ -38,6 +38,7 @@ class ColumnArgs(NamedTuple):
     stride_m: int
     stride_d: int
     labels: Tensor | None
+    groups: int  # M / group: passed, so that kernels need no integer division
     group: int
 
 
@@ -91,4 +92,5 @@ class Columns:
 
     def kernel_arg(self) -> ColumnArgs:
         w = self.values
-        return ColumnArgs(w, w.shape[0], w.shape[1], w.stride(0), w.stride(1), self.labels, self.group)
+        return ColumnArgs(w, w.shape[0], w.shape[1], w.stride(0), w.stride(1), self.labels, self.num_groups,
+                          self.group)

@@ -94,7 +94,7 @@ def column_tile(t, cols, FLAT: tl.constexpr, KS: tl.constexpr, BC: tl.constexpr)
         c = j // K
         k = (j - c * K).to(tl.int32)
     else:
-        groups = cols.m // K
+        groups = cols.groups
         group_blocks = tl.cdiv(groups, BC)
         c = ((t % group_blocks) * BC + r % BC).to(tl.int64)
         k = (t // group_blocks) * KS + r // BC
@@ -108,7 +108,7 @@ def num_column_tiles(cols, FLAT: tl.constexpr, KS: tl.constexpr, BC: tl.constexp
     if FLAT:
         n = tl.cdiv(cols.m, KS * BC)
     else:
-        n = tl.cdiv(cols.m // cols.group, BC) * tl.cdiv(cols.group, KS)
+        n = tl.cdiv(cols.groups, BC) * tl.cdiv(cols.group, KS)
     return n
 
 

@@ -50,7 +50,7 @@ def _class_scores_forward_kernel(
     PRECISION: tl.constexpr,
 ):
     K = cols.group
-    C = cols.m // K
+    C = cols.groups
     rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN).to(tl.int64)
     row_ok = rows < x.n
     inv_x = tl.where(row_ok, 1.0, 0.0)
@@ -150,7 +150,7 @@ def _argmax_gather_grad_x_kernel(
         dd = d0 + tl.arange(0, BD).to(tl.int64)
         d_ok = dd < D
         acc = tl.zeros([BR, BD], dtype=tl.float32)
-        for c in range(0, cols.m // K):
+        for c in range(0, cols.groups):
             slot = tl.load(idx_ptr + rows * stride_in + c * stride_ic, mask=row_ok, other=-1)
             ok = row_ok & (slot >= 0) & (slot < K)
             j = tl.where(ok, c * K + slot, 0)
