@@ -30,15 +30,15 @@ class RowArgs(NamedTuple):
 
 
 class ColumnArgs(NamedTuple):
-    """The columns W [M, D] of a similarity, as a kernel argument (see :class:`Columns`)."""
+    """The columns W [M, D] of a similarity, as a kernel argument (see :class:`Columns`):
+    M = groups·group columns (``_tiles.num_columns``; a kernel never divides by the group)."""
 
     ptr: Tensor
-    m: int
     d: int
     stride_m: int
     stride_d: int
     labels: Tensor | None
-    groups: int  # M / group: passed, so that kernels need no integer division
+    groups: int
     group: int
 
 
@@ -92,5 +92,4 @@ class Columns:
 
     def kernel_arg(self) -> ColumnArgs:
         w = self.values
-        return ColumnArgs(w, w.shape[0], w.shape[1], w.stride(0), w.stride(1), self.labels, self.num_groups,
-                          self.group)
+        return ColumnArgs(w, w.shape[1], w.stride(0), w.stride(1), self.labels, self.num_groups, self.group)

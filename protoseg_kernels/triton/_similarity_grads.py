@@ -46,6 +46,7 @@ from ._tiles import (
     load_inverse_norms,
     mma,
     num_column_tiles,
+    num_columns,
     similarity_tile,
     store_normalize_backward,
     to_dtype,
@@ -132,11 +133,12 @@ def _grad_p_kernel(
     FLAT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     D = x.d
+    t = tl.program_id(0)
     split = tl.program_id(1)
-    tile = column_tile(tl.program_id(0), cols, FLAT, KS, BC)
+    tile = column_tile(t, cols, FLAT, KS, BC)
     j, c, k, col_ok = tile
     inv_p = load_inverse_norms(inv_p_ptr, j, col_ok, NORMALIZE)
-    part_base = part_ptr + split.to(tl.int64) * cols.m * D
+    part_base = part_ptr + split.to(tl.int64) * num_columns(cols).to(tl.int64) * D
     first = split * blocks_per_split
     last = tl.minimum(first + blocks_per_split, tl.cdiv(x.n, BN))
     for block in range(first, last):

@@ -84,13 +84,19 @@ def load_inverse_norms(inv_ptr, idx, ok, NORMALIZE: tl.constexpr):
 
 
 @triton.jit
+def num_columns(cols):
+    """M of the columns ``cols`` (a ``_columns.ColumnArgs``)."""
+    return cols.groups * cols.group
+
+
+@triton.jit
 def column_tile(t, cols, FLAT: tl.constexpr, KS: tl.constexpr, BC: tl.constexpr):
     """Columns of tile ``t``: (index j int64, group c int64, slot k int32, valid)."""
     r = tl.arange(0, KS * BC)
     K = cols.group
     if FLAT:
         j = (t * (KS * BC) + r).to(tl.int64)
-        valid = j < cols.m
+        valid = j < num_columns(cols)
         c = j // K
         k = (j - c * K).to(tl.int32)
     else:
@@ -106,7 +112,7 @@ def column_tile(t, cols, FLAT: tl.constexpr, KS: tl.constexpr, BC: tl.constexpr)
 @triton.jit
 def num_column_tiles(cols, FLAT: tl.constexpr, KS: tl.constexpr, BC: tl.constexpr):
     if FLAT:
-        n = tl.cdiv(cols.m, KS * BC)
+        n = tl.cdiv(num_columns(cols), KS * BC)
     else:
         n = tl.cdiv(cols.groups, BC) * tl.cdiv(cols.group, KS)
     return n

@@ -13,7 +13,7 @@ from ._config import flat_forward_tiles
 from ._host import check_dtype, dot_precision, launch
 from ._norms import inverse_norms
 from ._similarity_grads import GradientSource, similarity_gradients
-from ._tiles import column_tile, load_inverse_norms, similarity_tile, to_dtype
+from ._tiles import column_tile, load_inverse_norms, num_columns, similarity_tile, to_dtype
 
 OP = "prototype_similarity"
 
@@ -29,7 +29,7 @@ def _similarity_kernel(x, cols, inv_x_ptr, inv_p_ptr, s_ptr, NORMALIZE: tl.const
     inv_x = load_inverse_norms(inv_x_ptr, rows, row_ok, NORMALIZE)
     s = similarity_tile(x, rows, row_ok, inv_x, cols, tile, load_inverse_norms(inv_p_ptr, j, col_ok, NORMALIZE),
                         BN, BD, KS, BC, PRECISION)
-    tl.store(s_ptr + rows[:, None] * cols.m + j[None, :], to_dtype(s, s_ptr.dtype.element_ty),
+    tl.store(s_ptr + rows[:, None] * num_columns(cols) + j[None, :], to_dtype(s, s_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
 
