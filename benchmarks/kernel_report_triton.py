@@ -61,10 +61,19 @@ def _backend_calls(n: int, d: int, c: int, k: int, dtype: torch.dtype) -> None:
 _SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
 
 
+def _flat(args: Any) -> list[Any]:
+    """Launch arguments with the tuple arguments (rows, columns, an op's tensors) opened."""
+    out: list[Any] = []
+    for a in args:
+        out += _flat(a) if isinstance(a, tuple) else [a]
+    return out
+
+
 def _describe(launch: Any) -> tuple[str, str]:
     """(kernel name, configuration) of a recorded launch: its floating dtypes, block
     sizes, warps (w) and pipeline stages (s), and the flags that are on."""
-    floats = sorted({_SHORT[a.dtype] for a in launch.args if isinstance(a, torch.Tensor) and a.dtype in _SHORT})
+    tensors = [a for a in _flat(launch.args) if isinstance(a, torch.Tensor)]
+    floats = sorted({_SHORT[a.dtype] for a in tensors if a.dtype in _SHORT})
     flags, sizes = [], []
     for key, value in launch.kwargs.items():
         if isinstance(value, bool):
@@ -79,6 +88,9 @@ def _describe(launch: Any) -> tuple[str, str]:
                 flags.append(value)
         elif isinstance(value, int):
             sizes.append(f"{key}{value}")
+        elif isinstance(value, tuple):  # an op's constexpr flags
+            if value:
+                flags.append(f"{key.lower()}{','.join(map(str, value))}")
         elif value is not None:  # e.g. the compute dtype of the momentum step
             flags.append(str(value))
     name = launch.kernel.fn.__name__.strip("_").removesuffix("_kernel")

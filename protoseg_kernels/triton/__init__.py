@@ -2,8 +2,10 @@
 
 One module ``<op>.py`` per op it implements defines that op's kernels of the contract in
 :mod:`protoseg_kernels._kernel_interface` (the op table, :mod:`protoseg_kernels._op_table`,
-finds them there); ``_tiles`` (device helpers), ``_similarity_grads`` (the backward
-GEMMs), ``_norms``, ``_config`` (block sizes) and ``_host`` (launching) are shared.
+finds them there). Shared: the similarity engine on columns [M, D] with optional labels
+(``_columns``, ``_tiles`` device helpers, ``_sweep`` the forward row sweep,
+``_similarity_grads`` the backward GEMMs), ``_norms``, ``_config`` (block sizes) and
+``_host`` (launching).
 
 The kernels serve CUDA tensors (compute capability 8.0+), in float16, bfloat16 and
 float32 (``IMPLEMENTED`` says so per op: ``auto`` passes float64 on to another backend).

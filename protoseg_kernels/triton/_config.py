@@ -41,10 +41,11 @@ def next_pow2(n: int) -> int:
 
 @dataclass(frozen=True)
 class GemmTiles:
-    """A pixel × prototype tile of the similarity GEMM.
+    """A row × column tile of the similarity GEMM, for columns in groups (``c`` groups
+    of ``k``: prototypes are C classes of K; a memory bank is M groups of 1).
 
-    ``flat``: the tile holds ``k_slots·block_c`` consecutive flat prototypes; else
-    ``block_c`` classes × ``k_slots`` prototype slots (see ``_tiles.column_tile``).
+    ``flat``: the tile holds ``k_slots·block_c`` consecutive columns; else ``block_c``
+    groups × ``k_slots`` slots of a group (see ``_tiles.column_tile``).
     """
 
     block_n: int

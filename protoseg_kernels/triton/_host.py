@@ -79,6 +79,15 @@ def recording_launches() -> Iterator[list[Launch]]:
         _recorders.pop()
 
 
+def _flat(args: tuple[Any, ...]) -> Iterator[Any]:
+    """The arguments with tuple arguments (``_columns.ColumnArgs``, an op's tuple) opened."""
+    for a in args:
+        if isinstance(a, tuple):
+            yield from _flat(a)
+        else:
+            yield a
+
+
 def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
     """Run ``kernel[grid](*args, **kwargs)`` on the device of its tensors (a no-op on an
     empty grid), or record it inside :func:`recording_launches`."""
@@ -87,7 +96,7 @@ def launch(kernel: Any, grid: tuple[int, ...], *args: Any, **kwargs: Any) -> Non
         return
     if min(grid) == 0:
         return
-    device = next(a.device for a in args if isinstance(a, Tensor))
+    device = next(a.device for a in _flat(args) if isinstance(a, Tensor))
     guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with guard:
         kernel[grid](*args, **kwargs)

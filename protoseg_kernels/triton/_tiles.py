@@ -1,20 +1,20 @@
 """Device helpers shared by the Triton kernels of every op.
 
-The similarity S = x̂·P̂ᵀ is never stored: kernels compute it one tile at a time,
-[BN pixels] × [a tile of prototype columns], by ``dot_tile`` (fp32 accumulation over
-D in chunks) and scale it by the row inverse norms, so normalisation costs two
-multiplies per element instead of a normalised copy of x.
+The similarity S = x̂·Ŵᵀ between rows x [N, D] and columns W [M, D] (``_columns``)
+is never stored: kernels compute it one tile at a time, [BN rows] × [a tile of
+columns], by ``dot_tile`` (fp32 accumulation over D in chunks) and scale it by the
+inverse norms, so normalisation costs two multiplies per element instead of a
+normalised copy of x.
 
-A column tile is a set of flat prototype indices j = c·K + k, in one of two layouts
-(``column_tile``):
+A column tile is a set of column indices j, in one of two layouts (``column_tile``):
 
-* flat: KS·BC consecutive j, for ops that treat all C·K prototypes alike;
-* class: BC consecutive classes × KS consecutive prototype slots, so that
-  ``tl.reshape(tile, (BN, KS, BC))`` groups the columns of one class along axis 1
-  (the per-class reductions of ``class_scores``). K need not be a power of two:
-  slots k ≥ K are masked.
+* flat: KS·BC consecutive j, for ops that treat all M columns alike;
+* class: BC consecutive groups × KS consecutive slots of a group (column
+  j = g·group + k), so that ``tl.reshape(tile, (BN, KS, BC))`` gathers the columns
+  of one group along axis 1 (the per-class reductions of ``class_scores``). The group
+  size need not be a power of two: slots k ≥ group are masked.
 
-Offsets are int64 (N·D and N·C·K exceed 2³¹); masked-off lanes never form an
+Offsets are int64 (N·D and N·M exceed 2³¹); masked-off lanes never form an
 address from a negative index.
 """
 
@@ -84,47 +84,75 @@ def load_inverse_norms(inv_ptr, idx, ok, NORMALIZE: tl.constexpr):
 
 
 @triton.jit
-def column_tile(t, C, K, FLAT: tl.constexpr, KS: tl.constexpr, BC: tl.constexpr):
-    """Prototype columns of tile ``t``: (flat index j int64, class c int64, slot k int32, valid)."""
+def num_columns(cols):
+    """M of the columns ``cols`` (a ``_columns.ColumnArgs``)."""
+    return cols.groups * cols.group
+
+
+@triton.jit
+def column_tile(t, cols, FLAT: tl.constexpr, KS: tl.constexpr, BC: tl.constexpr):
+    """Columns of tile ``t``: (index j int64, group c int64, slot k int32, valid)."""
     r = tl.arange(0, KS * BC)
+    K = cols.group
     if FLAT:
         j = (t * (KS * BC) + r).to(tl.int64)
-        valid = j < C.to(tl.int64) * K
+        valid = j < num_columns(cols)
         c = j // K
         k = (j - c * K).to(tl.int32)
     else:
-        class_blocks = tl.cdiv(C, BC)
-        c = ((t % class_blocks) * BC + r % BC).to(tl.int64)
-        k = (t // class_blocks) * KS + r // BC
-        valid = (c < C) & (k < K)
+        groups = cols.groups
+        group_blocks = tl.cdiv(groups, BC)
+        c = ((t % group_blocks) * BC + r % BC).to(tl.int64)
+        k = (t // group_blocks) * KS + r // BC
+        valid = (c < groups) & (k < K)
         j = c * K + k
     return j, c, k, valid
 
 
 @triton.jit
-def num_column_tiles(C, K, FLAT: tl.constexpr, KS: tl.constexpr, BC: tl.constexpr):
+def num_column_tiles(cols, FLAT: tl.constexpr, KS: tl.constexpr, BC: tl.constexpr):
     if FLAT:
-        n = tl.cdiv(C * K, KS * BC)
+        n = tl.cdiv(num_columns(cols), KS * BC)
     else:
-        n = tl.cdiv(C, BC) * tl.cdiv(K, KS)
+        n = tl.cdiv(cols.groups, BC) * tl.cdiv(cols.group, KS)
     return n
 
 
 @triton.jit
-def dot_tile(x_ptr, stride_xn, stride_xd, rows, row_ok, p_ptr, stride_pj, stride_pd, cols, col_ok, D,
-             BN: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
+def column_labels(cols, tile):
+    """The label of each column of ``tile``: ``cols.labels[j]``, or its group without
+    labels; -1 outside the valid columns."""
+    j, c, k, valid = tile
+    if cols.labels is None:
+        label = c
+    else:
+        label = tl.load(cols.labels + j, mask=valid, other=-1)
+    return tl.where(valid, label, -1)
+
+
+@triton.jit
+def dot_tile(x, rows, row_ok, cols, j, col_ok, BN: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
              PRECISION: tl.constexpr):
-    """[BN, BP] raw dot products ⟨x_row, P_col⟩ over all D (fp32 accumulation); 0 where masked."""
+    """[BN, BP] raw dot products ⟨x_row, W_col⟩ over all D (fp32 accumulation); 0 where masked."""
     acc = tl.zeros([BN, BP], dtype=tl.float32)
-    for d0 in range(0, D, BD):
+    for d0 in range(0, x.d, BD):
         dd = d0 + tl.arange(0, BD).to(tl.int64)
-        d_ok = dd < D
-        a = tl.load(x_ptr + rows[:, None] * stride_xn + dd[None, :] * stride_xd,
+        d_ok = dd < x.d
+        a = tl.load(x.ptr + rows[:, None] * x.stride_n + dd[None, :] * x.stride_d,
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        b = tl.load(p_ptr + cols[None, :] * stride_pj + dd[:, None] * stride_pd,
+        b = tl.load(cols.ptr + j[None, :] * cols.stride_m + dd[:, None] * cols.stride_d,
                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)
         acc = mma(a, b, acc, PRECISION)
     return acc
+
+
+@triton.jit
+def similarity_tile(x, rows, row_ok, inv_x, cols, tile, inv_p, BN: tl.constexpr, BD: tl.constexpr,
+                    KS: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr):
+    """S of one [BN, KS·BC] tile: dot products scaled by the row and column inverse norms."""
+    j, c, k, col_ok = tile
+    s = dot_tile(x, rows, row_ok, cols, j, col_ok, BN, KS * BC, BD, PRECISION)
+    return s * inv_x[:, None] * inv_p[None, :]
 
 
 @triton.jit

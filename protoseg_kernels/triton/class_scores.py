@@ -20,10 +20,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._columns import Columns, row_args
 from ._config import class_scores_forward_tiles, row_tiles
-from ._host import check_dtype, dot_precision, empty_rows, launch, rows_view
+from ._host import check_dtype, dot_precision, empty_rows, launch
 from ._norms import inverse_norms
-from ._similarity_grads import GradientSource, prototype_gradient, similarity_gradients
+from ._similarity_grads import GradientSource, column_gradient, similarity_gradients
 from ._tiles import (
     dot_tile,
     first_argmax,
@@ -37,23 +38,24 @@ from ._tiles import (
 )
 
 OP = "class_scores"
-# GradientSource.variant: how g_scores enters dS.
+# The FLAGS of the gradient: how g_scores enters dS.
 MAX, SOFT = 0, 1
 
 
 @triton.jit
 def _class_scores_forward_kernel(
-    x_ptr, stride_xn, stride_xd, p_ptr, stride_pj, stride_pd, inv_p_ptr, scores_ptr, index_ptr, lse_ptr,
-    N, D, C, K, inv_temperature, inv_lse_temperature,
+    x, cols, inv_p_ptr, scores_ptr, index_ptr, lse_ptr, inv_temperature, inv_lse_temperature,
     NORMALIZE: tl.constexpr, SOFT: tl.constexpr, WITH_LSE: tl.constexpr,
     BN: tl.constexpr, BD: tl.constexpr, KS: tl.constexpr, BC: tl.constexpr, FLAT: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    K = cols.group
+    C = cols.groups
     rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN).to(tl.int64)
-    row_ok = rows < N
+    row_ok = rows < x.n
     inv_x = tl.where(row_ok, 1.0, 0.0)
     if NORMALIZE:
-        inv_x = row_inverse_norms(x_ptr, stride_xn, stride_xd, rows, row_ok, D, BN, BD)
+        inv_x = row_inverse_norms(x.ptr, x.stride_n, x.stride_d, rows, row_ok, x.d, BN, BD)
     r = tl.arange(0, KS * BC)
     slot_3d = tl.arange(0, KS)[None, :, None]
     all_m = tl.full([BN], float("-inf"), dtype=tl.float32)
@@ -68,8 +70,7 @@ def _class_scores_forward_kernel(
             k = k0 + r // BC
             col_ok = (c < C) & (k < K)
             j = c * K + k
-            s = dot_tile(x_ptr, stride_xn, stride_xd, rows, row_ok, p_ptr, stride_pj, stride_pd, j, col_ok, D,
-                         BN, KS * BC, BD, PRECISION)
+            s = dot_tile(x, rows, row_ok, cols, j, col_ok, BN, KS * BC, BD, PRECISION)
             s = s * inv_x[:, None] * load_inverse_norms(inv_p_ptr, j, col_ok, NORMALIZE)[None, :]
             s = tl.where(col_ok[None, :], s, float("-inf"))
             # Per class: the slots of this block lie along axis 1.
@@ -104,21 +105,21 @@ def _per_column(v, KS: tl.constexpr, BC: tl.constexpr):
 
 
 @triton.jit
-def _class_scores_grad(s, rows, row_ok, j, c, k, col_ok, a_ptr, stride_an, stride_ac, stride_ak, b_ptr, stride_b,
-                       idx_ptr, stride_in, stride_ic, lse_ptr, inv_temperature, inv_lse_temperature,
-                       HAS_A: tl.constexpr, HAS_B: tl.constexpr, VARIANT: tl.constexpr, KS: tl.constexpr,
-                       BC: tl.constexpr):
+def _class_scores_grad(s, rows, row_ok, cols, tile, op, FLAGS: tl.constexpr, KS: tl.constexpr, BC: tl.constexpr):
     """dS = g_ic·[k = index_ic] (MAX) or g_ic·softmax_k(S_ic/τ) (SOFT, whole classes per
     tile), plus g_lse_i·softmax_j(S_i/τ')/τ'. Class-layout tiles: the per-class values
     are loaded once per class ([rows, BC]) and repeated over the slots."""
+    (g_ptr, stride_gn, stride_gc, g_lse_ptr, stride_g_lse, idx_ptr, stride_in, stride_ic, lse_ptr,
+     inv_temperature, inv_lse_temperature) = op
+    j, c, k, col_ok = tile
     ds = tl.zeros(s.shape, dtype=tl.float32)
-    if HAS_A:
+    if g_ptr is not None:
         classes = tl.min(c) + tl.arange(0, BC)  # c = first class + column % BC
         class_ok = tl.max(tl.reshape(col_ok, [KS, BC]).to(tl.int32), axis=0) > 0
         ok = row_ok[:, None] & class_ok[None, :]
-        g = tl.load(a_ptr + rows[:, None] * stride_an + classes[None, :] * stride_ac, mask=ok, other=0.0)
+        g = tl.load(g_ptr + rows[:, None] * stride_gn + classes[None, :] * stride_gc, mask=ok, other=0.0)
         g = _per_column(g.to(tl.float32), KS, BC)
-        if VARIANT == 1:  # SOFT
+        if FLAGS[0] == 1:  # SOFT
             z = tl.where(col_ok[None, :], s * inv_temperature, float("-inf"))
             z_3d = tl.reshape(z, [s.shape[0], KS, BC])
             class_max, class_sum = logsumexp_rows(z_3d, 1)
@@ -128,8 +129,8 @@ def _class_scores_grad(s, rows, row_ok, j, c, k, col_ok, a_ptr, stride_an, strid
         else:
             index = tl.load(idx_ptr + rows[:, None] * stride_in + classes[None, :] * stride_ic, mask=ok, other=-1)
             ds += tl.where(_per_column(index, KS, BC) == k[None, :], g, 0.0)
-    if HAS_B:
-        g_lse = tl.load(b_ptr + rows * stride_b, mask=row_ok, other=0.0).to(tl.float32)
+    if g_lse_ptr is not None:
+        g_lse = tl.load(g_lse_ptr + rows * stride_g_lse, mask=row_ok, other=0.0).to(tl.float32)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         ds += g_lse[:, None] * tl.exp(s * inv_lse_temperature - lse[:, None]) * inv_lse_temperature
     return tl.where(row_ok[:, None] & col_ok[None, :], ds, 0.0)
@@ -137,30 +138,31 @@ def _class_scores_grad(s, rows, row_ok, j, c, k, col_ok, a_ptr, stride_an, strid
 
 @triton.jit
 def _argmax_gather_grad_x_kernel(
-    g_ptr, stride_gn, stride_gc, idx_ptr, stride_in, stride_ic, x_ptr, stride_xn, stride_xd,
-    p_ptr, stride_pj, stride_pd, inv_x_ptr, inv_p_ptr, acc_ptr, dx_ptr, N, D, C, K,
+    g_ptr, stride_gn, stride_gc, idx_ptr, stride_in, stride_ic, x, cols, inv_x_ptr, inv_p_ptr, acc_ptr, dx_ptr,
     NORMALIZE: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
 ):
     """dx̂_i = Σ_c g_ic·P̂_{c, index_ic}: C gathered prototype rows per pixel."""
+    D = x.d
+    K = cols.group
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR).to(tl.int64)
-    row_ok = rows < N
+    row_ok = rows < x.n
     for d0 in range(0, D, BD):
         dd = d0 + tl.arange(0, BD).to(tl.int64)
         d_ok = dd < D
         acc = tl.zeros([BR, BD], dtype=tl.float32)
-        for c in range(0, C):
+        for c in range(0, cols.groups):
             slot = tl.load(idx_ptr + rows * stride_in + c * stride_ic, mask=row_ok, other=-1)
             ok = row_ok & (slot >= 0) & (slot < K)
             j = tl.where(ok, c * K + slot, 0)
             weight = tl.load(g_ptr + rows * stride_gn + c * stride_gc, mask=ok, other=0.0).to(tl.float32)
             weight *= load_inverse_norms(inv_p_ptr, j, ok, NORMALIZE)
-            prototype = tl.load(p_ptr + j[:, None] * stride_pj + dd[None, :] * stride_pd,
+            prototype = tl.load(cols.ptr + j[:, None] * cols.stride_m + dd[None, :] * cols.stride_d,
                                 mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
             acc += weight[:, None] * prototype
         tl.store(acc_ptr + rows[:, None] * D + dd[None, :], acc, mask=row_ok[:, None] & d_ok[None, :])
     tl.debug_barrier()
     inv_x = load_inverse_norms(inv_x_ptr, rows, row_ok, NORMALIZE)
-    store_normalize_backward(acc_ptr, D, x_ptr, stride_xn, stride_xd, dx_ptr, D, rows, row_ok, inv_x, D,
+    store_normalize_backward(acc_ptr, D, x.ptr, x.stride_n, x.stride_d, dx_ptr, D, rows, row_ok, inv_x, D,
                              NORMALIZE, BR, BD)
 
 
@@ -169,31 +171,29 @@ def class_scores_forward(
     lse_temperature: float | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     check_dtype(OP, "x", x)
-    n, d = x.shape
+    n = x.shape[0]
     c, k, _ = prototypes.shape
-    flat_p = rows_view(prototypes)
+    columns = Columns.of_prototypes(prototypes)
     scores = torch.empty(n, c, dtype=x.dtype, device=x.device)
     index = torch.empty(n, c, dtype=torch.int64, device=x.device)
     with_lse = lse_temperature is not None
     lse = torch.empty(n if with_lse else 0, dtype=torch.float32, device=x.device)
     tiles = class_scores_forward_tiles(x.device, x.dtype, c, k)
-    launch(_class_scores_forward_kernel, (triton.cdiv(n, tiles.block_n),), x, *x.stride(), flat_p,
-           *flat_p.stride(), inverse_norms(flat_p, normalize), scores, index, lse, n, d, c, k, 1.0 / temperature,
+    launch(_class_scores_forward_kernel, (triton.cdiv(n, tiles.block_n),), row_args(x), columns.kernel_arg(),
+           inverse_norms(columns.values, normalize), scores, index, lse, 1.0 / temperature,
            1.0 / (lse_temperature or 1.0), NORMALIZE=normalize, SOFT=reduction == "logsumexp",
            WITH_LSE=with_lse, **tiles.constexprs(), **dot_precision(x.dtype))
     return scores, index, lse
 
 
-def _argmax_gather_grad_x(grad_scores: Tensor, index: Tensor, x: Tensor, prototypes: Tensor,
+def _argmax_gather_grad_x(grad_scores: Tensor, index: Tensor, x: Tensor, columns: Columns,
                           normalize: bool) -> Tensor:
     n, d = x.shape
-    c, k, _ = prototypes.shape
-    flat_p = rows_view(prototypes)
     dx = torch.empty(n, d, dtype=x.dtype, device=x.device)
     tiles = row_tiles(x.device, block_r=64, block_d=64)
     launch(_argmax_gather_grad_x_kernel, (triton.cdiv(n, tiles.block_r),), grad_scores, *grad_scores.stride(),
-           index, *index.stride(), x, *x.stride(), flat_p, *flat_p.stride(), inverse_norms(x, normalize),
-           inverse_norms(flat_p, normalize), empty_rows(n, d, x), dx, n, d, c, k, NORMALIZE=normalize,
+           index, *index.stride(), row_args(x), columns.kernel_arg(), inverse_norms(x, normalize),
+           inverse_norms(columns.values, normalize), empty_rows(n, d, x), dx, NORMALIZE=normalize,
            **tiles.constexprs())
     return dx
 
@@ -207,17 +207,19 @@ def class_scores_backward(
     if lse_temperature is None:
         grad_lse = None
     soft = reduction == "logsumexp" and grad_scores is not None
+    g_strides = (0, 0) if grad_scores is None else grad_scores.stride()
+    g_lse_stride = 0 if grad_lse is None else grad_lse.stride(0)  # a 0 stride repeats g_lse
     source = GradientSource(
         _class_scores_grad, needs_similarity=soft or grad_lse is not None,
-        a=grad_scores, a_strides=(0, 0, 0) if grad_scores is None else (*grad_scores.stride(), 0),
-        b=grad_lse, index=index, index_strides=tuple(index.stride()), lse=lse,
-        scale_a=1.0 / temperature, scale_b=1.0 / (lse_temperature or 1.0),
-        variant=SOFT if soft else MAX, layout="whole_classes" if soft else "class",
+        args=(grad_scores, *g_strides, grad_lse, g_lse_stride, index, *index.stride(), lse, 1.0 / temperature,
+              1.0 / (lse_temperature or 1.0)),
+        flags=(SOFT if soft else MAX,), layout="whole_classes" if soft else "class",
     )
+    columns = Columns.of_prototypes(prototypes)
     if source.needs_similarity or grad_scores is None:
-        return similarity_gradients(x, prototypes, source, normalize, need_prototype_grad)
-    # "max" with only g_scores: dS is one-hot, so dx is a gather and dP needs no recomputation.
-    dx = _argmax_gather_grad_x(grad_scores, index, x, prototypes, normalize)
-    if not need_prototype_grad:
-        return dx, None
-    return dx, prototype_gradient(x, prototypes, source, normalize)
+        dx, dp = similarity_gradients(x, columns, source, normalize, need_prototype_grad)
+    else:
+        # "max" with only g_scores: dS is one-hot, so dx is a gather and dP needs no recomputation.
+        dx = _argmax_gather_grad_x(grad_scores, index, x, columns, normalize)
+        dp = column_gradient(x, columns, source, normalize) if need_prototype_grad else None
+    return dx, None if dp is None else dp.view(prototypes.shape)

@@ -1,9 +1,9 @@
 """Triton kernels of ``ppc_ppd_loss`` (SPEC §3.3).
 
-Forward, one program per block of pixels: an online log-sum-exp of S/τ over flat
-tiles of prototypes (FlashAttention-style), and the target similarity S_it picked
+Forward, a client of the engine's row sweep (``_sweep``) over flat tiles of
+prototypes: an online log-sum-exp of S/τ, and the target similarity S_it picked
 from the tile that holds t_i, so ppc_i = lse_i − S_it/τ and ppd_i = (1 − S_it)² come
-out of one pass. Backward recomputes S tile by tile in the shared dx/dP passes:
+out of one pass. Backward recomputes S tile by tile in the engine's dx/dW passes:
 dS_ij = g_ppc_i·(softmax_j(S_i/τ) − [j = t_i])/τ − 2·g_ppd_i·(1 − S_it)·[j = t_i].
 """
 
@@ -14,49 +14,41 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._columns import Columns
 from ._config import flat_forward_tiles
-from ._host import check_dtype, dot_precision, launch, rows_view
-from ._norms import inverse_norms
+from ._host import check_dtype
 from ._similarity_grads import GradientSource, similarity_gradients
-from ._tiles import (
-    column_tile,
-    dot_tile,
-    load_inverse_norms,
-    logsumexp_merge,
-    logsumexp_rows,
-    logsumexp_value,
-    num_column_tiles,
-    row_inverse_norms,
-)
+from ._sweep import SweepClient, row_sweep
+from ._tiles import logsumexp_merge, logsumexp_rows, logsumexp_value
 
 OP = "ppc_ppd_loss"
 
 
 @triton.jit
-def _ppc_ppd_forward_kernel(
-    x_ptr, stride_xn, stride_xd, p_ptr, stride_pj, stride_pd, inv_p_ptr, target_ptr, ppc_ptr, ppd_ptr, lse_ptr,
-    N, D, C, K, inv_temperature,
-    NORMALIZE: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, KS: tl.constexpr, BC: tl.constexpr,
-    FLAT: tl.constexpr, PRECISION: tl.constexpr,
-):
-    rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN).to(tl.int64)
-    row_ok = rows < N
-    inv_x = tl.where(row_ok, 1.0, 0.0)
-    if NORMALIZE:
-        inv_x = row_inverse_norms(x_ptr, stride_xn, stride_xd, rows, row_ok, D, BN, BD)
+def _ppc_ppd_start(rows, row_ok, op, FLAGS: tl.constexpr):
+    """(target, running max and sum of exp(S/τ − max), S_it) of each row."""
+    target_ptr, inv_temperature, ppc_ptr, ppd_ptr, lse_ptr = op
     target = tl.load(target_ptr + rows, mask=row_ok, other=-1)
-    run_max = tl.full([BN], float("-inf"), dtype=tl.float32)
-    run_sum = tl.zeros([BN], dtype=tl.float32)
-    s_target = tl.zeros([BN], dtype=tl.float32)
-    for t in range(num_column_tiles(C, K, FLAT, KS, BC)):
-        j, c, k, col_ok = column_tile(t, C, K, FLAT, KS, BC)
-        s = dot_tile(x_ptr, stride_xn, stride_xd, rows, row_ok, p_ptr, stride_pj, stride_pd, j, col_ok, D,
-                     BN, KS * BC, BD, PRECISION)
-        s = s * inv_x[:, None] * load_inverse_norms(inv_p_ptr, j, col_ok, NORMALIZE)[None, :]
-        # Column j is t_i in exactly one tile (never for t_i = -1).
-        s_target += tl.sum(tl.where(j[None, :] == target[:, None], s, 0.0), axis=1)
-        tile_max, tile_sum = logsumexp_rows(tl.where(col_ok[None, :], s * inv_temperature, float("-inf")), 1)
-        run_max, run_sum = logsumexp_merge(run_max, run_sum, tile_max, tile_sum)
+    run_max = tl.full(rows.shape, float("-inf"), dtype=tl.float32)
+    return target, run_max, tl.zeros(rows.shape, dtype=tl.float32), tl.zeros(rows.shape, dtype=tl.float32)
+
+
+@triton.jit
+def _ppc_ppd_step(state, s, rows, row_ok, cols, tile, op, FLAGS: tl.constexpr, KS: tl.constexpr, BC: tl.constexpr):
+    target, run_max, run_sum, s_target = state
+    target_ptr, inv_temperature, ppc_ptr, ppd_ptr, lse_ptr = op
+    j, c, k, col_ok = tile
+    # Column j is t_i in exactly one tile (never for t_i = -1).
+    s_target += tl.sum(tl.where(j[None, :] == target[:, None], s, 0.0), axis=1)
+    tile_max, tile_sum = logsumexp_rows(tl.where(col_ok[None, :], s * inv_temperature, float("-inf")), 1)
+    run_max, run_sum = logsumexp_merge(run_max, run_sum, tile_max, tile_sum)
+    return target, run_max, run_sum, s_target
+
+
+@triton.jit
+def _ppc_ppd_finish(state, rows, row_ok, op, FLAGS: tl.constexpr):
+    target, run_max, run_sum, s_target = state
+    target_ptr, inv_temperature, ppc_ptr, ppd_ptr, lse_ptr = op
     lse = logsumexp_value(run_max, run_sum)
     valid = target >= 0
     tl.store(ppc_ptr + rows, tl.where(valid, lse - s_target * inv_temperature, 0.0), mask=row_ok)
@@ -65,21 +57,20 @@ def _ppc_ppd_forward_kernel(
 
 
 @triton.jit
-def _ppc_ppd_grad(s, rows, row_ok, j, c, k, col_ok, a_ptr, stride_an, stride_ac, stride_ak, b_ptr, stride_b,
-                  idx_ptr, stride_in, stride_ic, lse_ptr, inv_temperature, scale_b,
-                  HAS_A: tl.constexpr, HAS_B: tl.constexpr, VARIANT: tl.constexpr, KS: tl.constexpr,
-                  BC: tl.constexpr):
-    target = tl.load(idx_ptr + rows * stride_in, mask=row_ok, other=-1)
+def _ppc_ppd_grad(s, rows, row_ok, cols, tile, op, FLAGS: tl.constexpr, KS: tl.constexpr, BC: tl.constexpr):
+    g_ppc_ptr, stride_ppc, g_ppd_ptr, stride_ppd, target_ptr, stride_target, lse_ptr, inv_temperature = op
+    j, c, k, col_ok = tile
+    target = tl.load(target_ptr + rows * stride_target, mask=row_ok, other=-1)
     valid = row_ok & (target >= 0)
     at_target = j[None, :] == target[:, None]
     ds = tl.zeros(s.shape, dtype=tl.float32)
-    if HAS_A:
-        g = tl.load(a_ptr + rows * stride_an, mask=valid, other=0.0).to(tl.float32)
+    if g_ppc_ptr is not None:
+        g = tl.load(g_ppc_ptr + rows * stride_ppc, mask=valid, other=0.0).to(tl.float32)
         lse = tl.load(lse_ptr + rows, mask=valid, other=0.0)
         softmax = tl.exp(s * inv_temperature - lse[:, None])
         ds += g[:, None] * (softmax - tl.where(at_target, 1.0, 0.0)) * inv_temperature
-    if HAS_B:
-        g_ppd = tl.load(b_ptr + rows * stride_b, mask=valid, other=0.0).to(tl.float32)
+    if g_ppd_ptr is not None:
+        g_ppd = tl.load(g_ppd_ptr + rows * stride_ppd, mask=valid, other=0.0).to(tl.float32)
         ds += tl.where(at_target, -2.0 * g_ppd[:, None] * (1.0 - s), 0.0)
     return tl.where(valid[:, None] & col_ok[None, :], ds, 0.0)
 
@@ -88,14 +79,12 @@ def ppc_ppd_forward(
     x: Tensor, prototypes: Tensor, target: Tensor, normalize: bool, temperature: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     check_dtype(OP, "x", x)
-    n, d = x.shape
+    n = x.shape[0]
     c, k, _ = prototypes.shape
-    flat_p = rows_view(prototypes)
     ppc, ppd, lse = (torch.empty(n, dtype=torch.float32, device=x.device) for _ in range(3))
-    tiles = flat_forward_tiles(x.device, x.dtype, c, k)
-    launch(_ppc_ppd_forward_kernel, (triton.cdiv(n, tiles.block_n),), x, *x.stride(), flat_p, *flat_p.stride(),
-           inverse_norms(flat_p, normalize), target.contiguous(), ppc, ppd, lse, n, d, c, k, 1.0 / temperature,
-           NORMALIZE=normalize, **tiles.constexprs(), **dot_precision(x.dtype))
+    client = SweepClient(_ppc_ppd_start, _ppc_ppd_step, _ppc_ppd_finish,
+                         args=(target.contiguous(), 1.0 / temperature, ppc, ppd, lse))
+    row_sweep(x, Columns.of_prototypes(prototypes), client, normalize, flat_forward_tiles(x.device, x.dtype, c, k))
     return ppc, ppd, lse
 
 
@@ -104,9 +93,8 @@ def ppc_ppd_backward(
     lse: Tensor, normalize: bool, temperature: float, need_prototype_grad: bool,
 ) -> tuple[Tensor, Tensor | None]:
     check_dtype(OP, "x", x)
-    source = GradientSource(
-        _ppc_ppd_grad, needs_similarity=True,
-        a=grad_ppc, a_strides=(0, 0, 0) if grad_ppc is None else (grad_ppc.stride(0), 0, 0),
-        b=grad_ppd, index=target, index_strides=(target.stride(0), 0), lse=lse, scale_a=1.0 / temperature,
-    )
-    return similarity_gradients(x, prototypes, source, normalize, need_prototype_grad)
+    grads = [(g, 0 if g is None else g.stride(0)) for g in (grad_ppc, grad_ppd)]  # a 0 stride repeats g
+    source = GradientSource(_ppc_ppd_grad, needs_similarity=True,
+                            args=(*grads[0], *grads[1], target, target.stride(0), lse, 1.0 / temperature))
+    dx, dp = similarity_gradients(x, Columns.of_prototypes(prototypes), source, normalize, need_prototype_grad)
+    return dx, None if dp is None else dp.view(prototypes.shape)
