@@ -7,7 +7,8 @@ exp and normalisation is not counted):
 * similarity forward S = x̂·P̂ᵀ: 2·N·D·C·K; its input gradient dx̂ = dS·P̂: 2·N·D·C·K
   (recomputing S in backward, as fused kernels do to save memory, is not useful work);
 * Sinkhorn logits, each pixel against its own class's K prototypes: 2·N·K·D;
-* prototype sums: N·D.
+* prototype sums: N·D;
+* target similarity, a gathered dot product per pixel: 2·N·D (its dx as much).
 
 The GEMM floor (SPEC §7) is the measured time of bare GEMMs of the same sizes:
 a fused head step needs the forward similarity GEMM, its recomputation in
@@ -36,6 +37,10 @@ def update_flops(p: Problem) -> int:
     return p.n * p.d
 
 
+def target_similarity_flops(p: Problem) -> int:
+    return 2 * p.n * p.d
+
+
 def head_step_flops(p: Problem) -> int:
     return 2 * similarity_flops(p) + sinkhorn_flops(p) + update_flops(p)
 
@@ -47,6 +52,8 @@ def op_flops(op: str, mode: str, p: Problem) -> int:
         return sinkhorn_flops(p)
     if op == "update_prototypes":
         return update_flops(p)
+    if op == "target_similarity":
+        return target_similarity_flops(p) * (2 if mode == "fwd+bwd" else 1)
     raise ValueError(f"unknown op {op!r}")
 
 

@@ -3,9 +3,12 @@
 * ``class_scores(..., lse_temperature=τ)`` gives the class scores and, from the
   same pass over the prototypes, lse_i = log Σ_j exp(S_ij/τ) over all C·K.
 * ``sinkhorn_assign`` clusters every class's pixels at once (N·K·D work).
-* PPC = lse_i − s_t/τ and PPD = (1 − s_t)², where s_t is the cosine to the
-  target prototype: a gathered dot product, nothing of size N×C×K
-  (``protoseg.contrast``, which ``ProtoSegHead`` uses too).
+* ``ppc_ppd_loss(..., lse=lse)``: PPC = lse_i − s_t/τ and PPD = (1 − s_t)², where
+  s_t is the cosine to the target prototype (``target_similarity``: a gathered dot
+  product, N·D work), as ``ProtoSegHead`` does.
+
+Only public ops: this is the composition a user writes (SPEC §7), 3 similarity
+GEMMs per step (the scores' pass forward; its recomputation and dx backward).
 * ``update_prototypes`` moves the prototypes from the correctly predicted pixels,
   with the Sinkhorn argmax as assignment (what the paper describes).
 
@@ -26,7 +29,6 @@ import torch
 import torch.nn.functional as F
 
 import protoseg_kernels as pk
-from protoseg.contrast import contrast_losses
 
 from .problems import IGNORE_INDEX, HeadInputs
 from .step import DEFAULT_CONFIG, HeadConfig, StepOutput
@@ -34,7 +36,7 @@ from .step import DEFAULT_CONFIG, HeadConfig, StepOutput
 
 def fused_step(inputs: HeadInputs, config: HeadConfig = DEFAULT_CONFIG) -> StepOutput:
     """Forward of the fused head: the loss (backward not yet run) and new prototypes."""
-    num_classes, per_class, dim = inputs.prototypes.shape
+    num_classes, per_class, _ = inputs.prototypes.shape
     x, labels, prototypes = inputs.x, inputs.labels, inputs.prototypes
 
     scores, lse = pk.class_scores(x, prototypes, lse_temperature=config.ppc_temperature)
@@ -45,8 +47,10 @@ def fused_step(inputs: HeadInputs, config: HeadConfig = DEFAULT_CONFIG) -> StepO
     ).index
 
     target = torch.where(labels != IGNORE_INDEX, labels * per_class + index, IGNORE_INDEX)
-    unit_prototypes = F.normalize(prototypes.detach(), dim=-1).reshape(num_classes * per_class, dim)
-    ppc, ppd = contrast_losses(x, unit_prototypes, lse, target, config.ppc_temperature, normalize=True)
+    ppc, ppd = pk.ppc_ppd_loss(
+        x, prototypes, target, lse=lse, temperature=config.ppc_temperature, ignore_index=IGNORE_INDEX,
+        validate=False,
+    )
     seg_loss = F.cross_entropy(seg_logits, labels, ignore_index=IGNORE_INDEX)
     loss = seg_loss + config.ppc_weight * ppc + config.ppd_weight * ppd
 

@@ -2,7 +2,8 @@
 
 The naive versions are the corresponding pieces of :mod:`benchmarks.baseline`:
 einsum + amax for the class scores; a matmul to N × C·K logits, cross-entropy
-and a boolean-indexed gather for PPC/PPD; the per-class loop with the matrix
+and a boolean-indexed gather for PPC/PPD; an autograd gather of the target
+prototypes for the target similarity; the per-class loop with the matrix
 Sinkhorn (on each class's own similarities); the per-class masked matmul for
 the update. Inputs are l2-normalised beforehand and the ops are called with
 ``normalize=False``, as in the head step.
@@ -23,7 +24,7 @@ from .baseline import l2_normalize, matrix_sinkhorn, ppd_loss, update_class_prot
 from .problems import IGNORE_INDEX, HeadInputs
 from .step import HeadConfig
 
-GRAD_OPS = ("class_scores", "ppc_ppd_loss")
+GRAD_OPS = ("class_scores", "ppc_ppd_loss", "target_similarity")
 NO_GRAD_OPS = ("sinkhorn_assign", "update_prototypes")
 GRAD_MODES = ("fwd", "bwd", "fwd+bwd")
 
@@ -68,6 +69,12 @@ def naive_ppc_ppd(o: OpInputs) -> Tensor:
     return ppc + ppd_loss(logits, target)
 
 
+def naive_target_similarity(o: OpInputs) -> Tensor:
+    """Σ_i s_i with s_i = ⟨x̂_i, P̂_{t_i}⟩ (autograd keeps the gathered [N, D] rows)."""
+    gathered = o.prototypes.view(-1, o.prototypes.shape[-1])[o.target.clamp_min(0)]
+    return torch.where(o.target >= 0, (o.x_hat * gathered).sum(1), 0.0).sum()
+
+
 @torch.no_grad()
 def naive_sinkhorn(o: OpInputs, config: HeadConfig) -> Tensor:
     index = torch.full_like(o.labels, -1)
@@ -103,6 +110,10 @@ def fused_ppc_ppd(o: OpInputs) -> Tensor:
     return ppc + ppd
 
 
+def fused_target_similarity(o: OpInputs) -> Tensor:
+    return pk.target_similarity(o.x_hat, o.prototypes, o.target, normalize=False, validate=False).sum()
+
+
 def fused_sinkhorn(o: OpInputs, config: HeadConfig) -> Tensor:
     return pk.sinkhorn_assign(
         o.x_hat.detach(), o.prototypes, o.labels, normalize=False, epsilon=config.epsilon,
@@ -120,12 +131,14 @@ def fused_update(o: OpInputs, config: HeadConfig) -> Tensor:
 NAIVE = {
     "class_scores": naive_class_scores,
     "ppc_ppd_loss": naive_ppc_ppd,
+    "target_similarity": naive_target_similarity,
     "sinkhorn_assign": naive_sinkhorn,
     "update_prototypes": naive_update,
 }
 FUSED = {
     "class_scores": fused_class_scores,
     "ppc_ppd_loss": fused_ppc_ppd,
+    "target_similarity": fused_target_similarity,
     "sinkhorn_assign": fused_sinkhorn,
     "update_prototypes": fused_update,
 }

@@ -20,8 +20,10 @@ from .implementations import BASELINE, COMPILED, FLOOR, display_name, is_backend
 MiB = 2**20
 Row = dict[str, Any]
 
-# SPEC §7 targets on the whole head step.
-SPEED_PRESETS = ("ade20k", "cityscapes")
+# SPEC §7 targets on the whole head step (the speed targets at every preset: the
+# ≥ 2× claim is made for ADE20K and COCO-Stuff, where C·K ≫ D, and Cityscapes is
+# reported too, not left out).
+SPEED_PRESETS = ("ade20k", "coco_stuff", "cityscapes")
 MEMORY_PRESETS = ("ade20k", "coco_stuff")
 MIN_SPEEDUP_VS_BASELINE = 2.0
 MIN_SPEEDUP_VS_COMPILED = 1.3

@@ -13,7 +13,8 @@ In training with labels (after ``warmup_iters`` steps without prototype learning
 4. labels are downsampled to h × w (nearest); correct_i = (argmax logits_i == label_i);
 5. Sinkhorn clusters each class's pixels onto its own K prototypes → target
    prototype t_i = c·K + k_i; PPC_i = lse_i − ⟨x_i, P̂_t⟩/τ and PPD_i = (1 − ⟨x_i, P̂_t⟩)²
-   from a gathered dot product (N·D work), averaged over labelled pixels;
+   from a gathered dot product (N·D work: ``ppc_ppd_loss(..., lse=lse)``), averaged
+   over labelled pixels;
 6. each prototype moves towards the mean of its assigned, correctly predicted
    pixels by momentum (a buffer, updated without autograd).
 
@@ -39,7 +40,6 @@ from torch import Tensor, nn
 
 import protoseg_kernels as pk
 
-from .contrast import contrast_losses
 from .labels import check_labels, downsample_labels
 
 ASSIGNMENTS = ("argmax", "gumbel")
@@ -264,6 +264,7 @@ class ProtoSegHead(nn.Module):
         return torch.where(result.index >= 0, labels * self.num_prototypes + result.index, UNLABELLED)
 
     def _contrast_losses(self, x: Tensor, prototypes: Tensor, lse: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        """PPC and PPD averaged over labelled pixels (0 with zero gradient if none)."""
-        flat = prototypes.reshape(-1, self.embed_dim)
-        return contrast_losses(x, flat, lse, target, self.temperature, normalize=False)
+        """PPC and PPD averaged over labelled pixels (0 with zero gradient if none), from
+        the lse of the scores' pass and the gathered target similarity (N·D work)."""
+        return pk.ppc_ppd_loss(x, prototypes, target, lse=lse, normalize=False, temperature=self.temperature,
+                               ignore_index=UNLABELLED, validate=False)

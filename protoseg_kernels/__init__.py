@@ -6,7 +6,9 @@ with fake implementations and autograd:
 * :func:`prototype_similarity` — S [N, C, K]
 * :func:`class_scores` — max (or logsumexp) over each class's K prototypes, plus
   an optional log-sum-exp over all C·K prototypes
-* :func:`ppc_ppd_loss` — the PPC and PPD losses
+* :func:`ppc_ppd_loss` — the PPC and PPD losses (with ``lse=`` from
+  :func:`class_scores`: the 3-GEMM training head)
+* :func:`target_similarity` — each pixel's similarity to its target prototype
 * :func:`sinkhorn_assign` — per-class Sinkhorn clustering, all classes at once
 * :func:`update_prototypes` — momentum update of the prototypes
 * :func:`gumbel_index` — the original code's Gumbel assignment (compatibility)
@@ -26,6 +28,7 @@ from .gumbel_index import gumbel_index
 from .ppc_ppd_loss import PpcPpdLoss, ppc_ppd_loss
 from .prototype_similarity import prototype_similarity
 from .sinkhorn_assign import SinkhornResult, sinkhorn_assign
+from .target_similarity import target_similarity
 from .update_prototypes import PrototypeUpdate, update_prototypes
 
 __version__ = "0.1.0"
@@ -43,6 +46,7 @@ __all__ = [
     "ppc_ppd_loss",
     "prototype_similarity",
     "sinkhorn_assign",
+    "target_similarity",
     "update_prototypes",
     "use_backend",
 ]

@@ -3,6 +3,10 @@
 With a process group, every rank ends up with the sums over all ranks' pixels,
 so the result equals a single process run on the concatenated pixels. Without
 one, the reductions are the identity and each process works on its own pixels.
+
+The group travels into the custom ops by name (a ``str`` in the schema, "" for
+none) and is resolved inside them, so the all-reduces run inside the ops, opaque
+to ``torch.compile`` (as ``torch.distributed``'s functional collectives do).
 """
 
 from __future__ import annotations
@@ -13,17 +17,35 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+NO_GROUP = ""
+
+
+def group_name(op: str, process_group: Any | None) -> str:
+    """The name under which ``process_group`` travels into a custom op."""
+    if process_group is None:
+        return NO_GROUP
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            f"{op}: process_group was given but torch.distributed is not initialised; "
+            "call torch.distributed.init_process_group first"
+        )
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(
+            f"{op}: process_group must be a torch.distributed.ProcessGroup (e.g. "
+            f"torch.distributed.group.WORLD) or None, got {type(process_group).__name__}"
+        )
+    return process_group.group_name
+
 
 class Reducer:
-    """Sum/max across the ranks of ``group``; the identity when ``group`` is None."""
+    """Sum/max across the ranks of the group named ``name``; the identity for ""."""
 
-    def __init__(self, group: Any | None = None) -> None:
-        if group is not None and not dist.is_initialized():
-            raise RuntimeError(
-                "process_group was given but torch.distributed is not initialised; "
-                "call torch.distributed.init_process_group first"
-            )
-        self.group = group
+    def __init__(self, name: str = NO_GROUP) -> None:
+        self.group = None
+        if name != NO_GROUP:
+            from torch.distributed.distributed_c10d import _resolve_process_group
+
+            self.group = _resolve_process_group(name)
 
     def _all_reduce(self, t: Tensor, op: Any) -> Tensor:
         if self.group is None:
@@ -39,7 +61,7 @@ class Reducer:
         return self._all_reduce(t, dist.ReduceOp.MAX)
 
 
-LOCAL = Reducer(None)
+LOCAL = Reducer()
 
 
 def merge_logsumexp(reducer: Reducer, m: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:

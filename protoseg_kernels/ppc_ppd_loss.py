@@ -8,6 +8,11 @@ For each valid pixel i with target prototype t_i (a flat index c·K + k):
 Gradient: dS_ij = g_ppc·(softmax_j(S_i/τ) − [j = t_i])/τ − 2·g_ppd·(1 − S_it)·[j = t_i].
 Fused backends run an online log-sum-exp over prototype blocks forward and
 recompute S in backward, never holding N×C×K.
+
+With ``lse=`` (the log-sum-exp that ``class_scores(..., lse_temperature=τ)`` already
+computed) only s_it is computed, by the ``target_similarity`` op (N·D work), and
+the gradient of lse flows back through ``class_scores``' own backward: scores,
+PPC and PPD together cost 3 similarity GEMMs per step (SPEC §7).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from ._checks import (
     check_index_tensor,
     check_int,
     check_positive_finite,
+    check_tensor,
     sanitize_index,
     valid_index_mask,
 )
@@ -36,6 +42,7 @@ from ._op_utils import (
     or_empty,
     prototype_grad_or_none,
 )
+from .target_similarity import _target_similarity_op
 
 OP = "ppc_ppd_loss"
 REDUCTIONS = ("mean", "sum", "none")
@@ -117,11 +124,39 @@ def _reduce(per_pixel: Tensor, valid: Tensor, reduction: str) -> Tensor:
     return total / valid.sum().clamp_min(1).to(total.dtype)
 
 
+def _check_lse(lse: object, x: Tensor) -> Tensor:
+    """lse [N] in the compute dtype of ``x`` on its device, as class_scores returns it."""
+    lse = check_tensor(OP, "lse", lse)
+    if lse.dim() != 1 or lse.shape[0] != x.shape[0]:
+        raise ValueError(f"{OP}: lse must have shape [N] = ({x.shape[0]},), got shape {tuple(lse.shape)}")
+    expected = compute_dtype(x.dtype)
+    if lse.dtype != expected:
+        raise TypeError(
+            f"{OP}: lse must have dtype {expected} (the compute dtype of x's {x.dtype}, what "
+            f"class_scores(..., lse_temperature=...) returns), got {lse.dtype}"
+        )
+    if lse.device != x.device:
+        raise ValueError(f"{OP}: lse must be on the same device as x ({x.device}), got {lse.device}")
+    return lse
+
+
+def _losses_from_lse(
+    x: Tensor, prototypes: Tensor, target: Tensor, lse: Tensor, normalize: bool,
+    temperature: float, ignore_index: int, validate: bool, valid: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Per-pixel (ppc, ppd) from the given lse and the gathered target similarity."""
+    s = _target_similarity_op(x, prototypes, target, normalize, ignore_index, validate)
+    ppc = torch.where(valid, lse - s / temperature, 0.0)
+    ppd = torch.where(valid, (1.0 - s) ** 2, 0.0)
+    return ppc, ppd
+
+
 def ppc_ppd_loss(
     x: Tensor,
     prototypes: Tensor,
     target: Tensor,
     *,
+    lse: Tensor | None = None,
     normalize: bool = True,
     temperature: float = 1.0,
     ignore_index: int = -1,
@@ -139,12 +174,23 @@ def ppc_ppd_loss(
         ignore_index: target value of pixels without a loss.
         reduction: ``"mean"`` over valid pixels (0 with zero gradient if none),
             ``"sum"``, or ``"none"`` ([N], 0 at ignored pixels).
+        lse: optional [N] log Σ_j exp(S_ij/τ) over all C·K prototypes, as returned by
+            ``class_scores(x, prototypes, normalize=normalize, lse_temperature=temperature)``
+            (fp32, fp64 for fp64 ``x``). It must come from the same ``x``,
+            ``prototypes``, ``normalize`` and temperature: it is used as given, not
+            checked against them. Then only the target similarity is computed (N·D
+            work) and the PPC normaliser's gradient flows through ``class_scores``.
         validate: raise ``ValueError`` on targets outside [0, C·K) that are not
             ``ignore_index`` (one host sync); with ``False`` they are ignored.
 
     Returns:
         ``PpcPpdLoss(ppc, ppd)``, fp32 (fp64 for fp64 inputs). Differentiable in
-        ``x`` and ``prototypes``.
+        ``x`` and ``prototypes`` (and ``lse``).
+
+    The 3-GEMM training head (SPEC §7)::
+
+        scores, lse = pk.class_scores(x, prototypes, lse_temperature=tau)
+        ppc, ppd = pk.ppc_ppd_loss(x, prototypes, target, lse=lse, temperature=tau)
     """
     x, prototypes = check_features_and_prototypes(OP, x, prototypes)
     target = check_index_tensor(OP, "target", target, x.shape[0], x.device)
@@ -153,9 +199,15 @@ def ppc_ppd_loss(
     ignore_index = check_int(OP, "ignore_index", ignore_index)
     reduction = check_choice(OP, "reduction", reduction, REDUCTIONS)
     validate = check_bool(OP, "validate", validate)
+    valid = valid_index_mask(target, prototypes.shape[0] * prototypes.shape[1], ignore_index)
+    if lse is not None:
+        ppc, ppd = _losses_from_lse(
+            x, prototypes, target, _check_lse(lse, x), normalize, temperature, ignore_index,
+            validate, valid,
+        )
+        return PpcPpdLoss(_reduce(ppc, valid, reduction), _reduce(ppd, valid, reduction))
     ppc, ppd, _ = _ppc_ppd_op(
         x, prototypes, target, normalize, temperature, ignore_index, validate,
         resolve_backend(OP, x.device, x.dtype),
     )
-    valid = valid_index_mask(target, prototypes.shape[0] * prototypes.shape[1], ignore_index)
     return PpcPpdLoss(_reduce(ppc, valid, reduction), _reduce(ppd, valid, reduction))

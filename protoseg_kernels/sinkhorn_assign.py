@@ -33,7 +33,7 @@ from ._checks import (
     check_positive_finite,
     sanitize_index,
 )
-from ._distributed import LOCAL, Reducer, merge_logsumexp
+from ._distributed import NO_GROUP, Reducer, group_name, merge_logsumexp
 from ._op_utils import compute_dtype
 
 OP = "sinkhorn_assign"
@@ -69,16 +69,18 @@ def run_sinkhorn(
 def _sinkhorn_op(
     x: Tensor, prototypes: Tensor, labels: Tensor, normalize: bool, epsilon: float,
     iterations: int, ignore_index: int, return_q: bool, validate: bool, backend: str,
+    group: str = NO_GROUP,
 ) -> tuple[Tensor, Tensor]:
+    # ``group``: the process group's name ("" for none); its all-reduces run in here.
     return run_sinkhorn(
         get_backend(backend), x, prototypes, labels, normalize, epsilon, iterations,
-        ignore_index, return_q, validate, LOCAL,
+        ignore_index, return_q, validate, Reducer(group),
     )
 
 
 @_sinkhorn_op.register_fake
 def _(x, prototypes, labels, normalize, epsilon, iterations, ignore_index, return_q, validate,
-      backend):
+      backend, group=NO_GROUP):
     n, k = x.shape[0], prototypes.shape[1]
     q = x.new_empty(n, k, dtype=compute_dtype(x.dtype)) if return_q else x.new_empty(0, dtype=compute_dtype(x.dtype))
     return x.new_empty(n, dtype=torch.int64), q
@@ -124,16 +126,11 @@ def sinkhorn_assign(
     ignore_index = check_int(OP, "ignore_index", ignore_index)
     return_q = check_bool(OP, "return_q", return_q)
     validate = check_bool(OP, "validate", validate)
+    group = group_name(OP, process_group)
     x, prototypes = x.detach(), prototypes.detach()
     backend = resolve_backend(OP, x.device, x.dtype)
-    if process_group is None:
-        index, q = _sinkhorn_op(
-            x, prototypes, labels, normalize, epsilon, iterations, ignore_index, return_q,
-            validate, backend,
-        )
-    else:
-        index, q = run_sinkhorn(
-            get_backend(backend), x, prototypes, labels, normalize, epsilon, iterations,
-            ignore_index, return_q, validate, Reducer(process_group),
-        )
+    index, q = _sinkhorn_op(
+        x, prototypes, labels, normalize, epsilon, iterations, ignore_index, return_q, validate,
+        backend, group,
+    )
     return SinkhornResult(index, q if return_q else None)

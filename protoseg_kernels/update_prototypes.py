@@ -29,7 +29,7 @@ from ._checks import (
     check_unit_interval,
     sanitize_index,
 )
-from ._distributed import LOCAL, Reducer
+from ._distributed import NO_GROUP, Reducer, group_name
 
 OP = "update_prototypes"
 UNASSIGNED = -1
@@ -74,15 +74,18 @@ def run_update(
 def _update_op(
     prototypes: Tensor, x: Tensor, labels: Tensor, index: Tensor, mask: Tensor | None,
     momentum: float, normalize: bool, ignore_index: int, validate: bool, backend: str,
+    group: str = NO_GROUP,
 ) -> tuple[Tensor, Tensor]:
+    # ``group``: the process group's name ("" for none); its all-reduces run in here.
     return run_update(
         get_backend(backend), prototypes, x, labels, index, mask, momentum, normalize,
-        ignore_index, validate, LOCAL,
+        ignore_index, validate, Reducer(group),
     )
 
 
 @_update_op.register_fake
-def _(prototypes, x, labels, index, mask, momentum, normalize, ignore_index, validate, backend):
+def _(prototypes, x, labels, index, mask, momentum, normalize, ignore_index, validate, backend,
+      group=NO_GROUP):
     c, k, _ = prototypes.shape
     return torch.empty_like(prototypes), prototypes.new_empty(c, k, dtype=torch.int64)
 
@@ -132,16 +135,11 @@ def update_prototypes(
     normalize = check_bool(OP, "normalize", normalize)
     ignore_index = check_int(OP, "ignore_index", ignore_index)
     validate = check_bool(OP, "validate", validate)
+    group = group_name(OP, process_group)
     x, prototypes = x.detach(), prototypes.detach()
     backend = resolve_backend(OP, x.device, torch.promote_types(x.dtype, prototypes.dtype))
-    if process_group is None:
-        new, counts = _update_op(
-            prototypes, x, labels, index, mask, momentum, normalize, ignore_index, validate,
-            backend,
-        )
-    else:
-        new, counts = run_update(
-            get_backend(backend), prototypes, x, labels, index, mask, momentum, normalize,
-            ignore_index, validate, Reducer(process_group),
-        )
+    new, counts = _update_op(
+        prototypes, x, labels, index, mask, momentum, normalize, ignore_index, validate, backend,
+        group,
+    )
     return PrototypeUpdate(new, counts)

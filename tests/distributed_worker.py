@@ -28,3 +28,36 @@ def run_rank(rank: int, world: int, init_file: str, out_dir: str, shards: list[d
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _head_steps(head, batches, compiled: bool) -> list[dict]:
+    """Training forwards + backward of the head; what each step saw and produced."""
+    forward = torch.compile(head, fullgraph=True) if compiled else head
+    records = []
+    for features, labels in batches:
+        features = features.clone().requires_grad_()
+        out = forward(features, labels)
+        (out.seg.logsumexp(dim=1).mean() + out.ppc + out.ppd).backward()
+        records.append({"target": out.target, "ppc": out.ppc.detach(), "ppd": out.ppd.detach(),
+                        "grad": features.grad, "prototypes": head.prototypes.clone()})
+    return records
+
+
+def run_compiled_head(rank: int, world: int, init_file: str, out_dir: str, case: dict, backend: str) -> None:
+    """ProtoSegHead with the WORLD group, eager and under torch.compile(fullgraph=True)."""
+    from protoseg import ProtoSegHead
+
+    torch.set_num_threads(1)  # two processes share the cores
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        batches = [tuple(t[rank::world] for t in batch) for batch in case["batches"]]
+        results = {}
+        with pk.use_backend(backend):
+            for mode in ("eager", "compiled"):
+                torch.manual_seed(0)
+                head = ProtoSegHead(*case["head"], projection="linear", momentum=0.8, ignore_index=255,
+                                    process_group=dist.group.WORLD, validate_labels=False).double()
+                results[mode] = _head_steps(head, batches, compiled=mode == "compiled")
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

@@ -145,6 +145,30 @@ def test_derived_columns_and_targets():
     assert verdicts[("time / GEMM floor", "cpu")] is True
     assert verdicts[("peak memory / baseline", "cpu")] is True
     assert verdicts[("host syncs per step", "reference")] is False
+    coco = [dict(r, preset="coco_stuff") for r in rows]
+    coco_targets = {t["target"] for t in report.check_targets(coco, [("coco_stuff", 8, 2, 3, 2)])}
+    assert {"speed-up vs baseline", "peak memory / baseline"} <= coco_targets
+
+
+def _public_op_uses(path: Path) -> tuple[set[str], list[str]]:
+    """(names read as ``pk.<name>``, modules imported) of a source file."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    used = {node.attr for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "pk"}
+    imported = [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    return used, imported
+
+
+@pytest.mark.parametrize("path", ["benchmarks/head_step.py", "protoseg/head.py"])
+def test_fused_head_is_composed_from_public_ops_only(path):
+    """SPEC §7: the benchmark's fused step and ProtoSegHead use the public API only."""
+    used, imported = _public_op_uses(REPO_ROOT / path)
+    assert {"class_scores", "sinkhorn_assign", "ppc_ppd_loss", "update_prototypes"} <= used
+    assert used <= set(pk.__all__), f"non-public names: {used - set(pk.__all__)}"
+    assert not [m for m in imported if m.startswith("protoseg_kernels.") or m == "protoseg.contrast"]
 
 
 # ---- the suite end to end ----------------------------------------------------
@@ -190,8 +214,8 @@ def test_smoke_suite_rows_are_well_formed(smoke_run):
             assert r["host_syncs"] == 0, r["impl"]
     ops = {(r["op"], r["mode"], r["impl"]) for r in rows if r["group"] == "ops"}
     for impl in [BASELINE, *CPU_BACKENDS]:
-        for op, modes in (("class_scores", 3), ("ppc_ppd_loss", 3), ("sinkhorn_assign", 1),
-                          ("update_prototypes", 1)):
+        for op, modes in (("class_scores", 3), ("ppc_ppd_loss", 3), ("target_similarity", 3),
+                          ("sinkhorn_assign", 1), ("update_prototypes", 1)):
             assert sum((op, m, impl) in ops for m in ("fwd", "bwd", "fwd+bwd")) == modes
     assert any(t["target"] == "host syncs per step" for t in document["targets"])
 

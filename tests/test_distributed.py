@@ -67,3 +67,56 @@ def _single_process_update(data, index, backend):
     with pk.use_backend(backend):
         return pk.update_prototypes(data["prototypes"], data["x"], data["labels"], index,
                                     mask=data["mask"], momentum=0.8)
+
+
+HEAD = (10, 4, 3, 8)  # in_channels, C, K, D
+
+
+def _head_batches():
+    g = torch.Generator().manual_seed(5)
+    batches = []
+    for _ in range(2):
+        features = torch.randn(4, HEAD[0], 6, 5, generator=g, dtype=torch.float64)
+        labels = torch.randint(0, HEAD[1], (4, 12, 10), generator=g)
+        batches.append((features, torch.where(torch.rand(4, 12, 10, generator=g) < 0.2, 255, labels)))
+    return batches
+
+
+def _single_process_targets(batches, backend):
+    """One process on the concatenated pixels (no group): targets and prototypes per step."""
+    from protoseg import ProtoSegHead
+
+    torch.manual_seed(0)
+    head = ProtoSegHead(*HEAD, projection="linear", momentum=0.8, ignore_index=255).double()
+    records = []
+    with pk.use_backend(backend):
+        for features, labels in batches:
+            # Rank r holds images r, r + 2: their pixels, concatenated in rank order.
+            order = torch.tensor([0, 2, 1, 3])
+            out = head(features[order], labels[order])
+            records.append({"target": out.target, "prototypes": head.prototypes.clone()})
+    return records
+
+
+@pytest.mark.parametrize("backend", ("reference", "cpu"))
+def test_compiled_head_step_with_two_gloo_ranks(backend, tmp_path):
+    """torch.compile(fullgraph=True) of ProtoSegHead's training step with a 2-rank gloo
+    group: the collectives run inside the ops, and every step equals the eager run,
+    which equals one process on the concatenated pixels."""
+    from distributed_worker import run_compiled_head
+
+    if backend != "reference":
+        require_backend(backend)
+    batches = _head_batches()
+    case = {"batches": batches, "head": HEAD}
+    mp.spawn(run_compiled_head, args=(2, str(tmp_path / "init"), str(tmp_path), case, backend), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    single = _single_process_targets(batches, backend)
+    for step, expected in enumerate(single):
+        for r in ranks:
+            eager, compiled = r["eager"][step], r["compiled"][step]
+            assert torch.equal(compiled["target"], eager["target"]), f"step {step}: compiled targets"
+            for name in ("ppc", "ppd", "grad", "prototypes"):
+                assert_close(compiled[name], eager[name], 1e-12, f"step {step}: compiled {name}")
+            assert_close(eager["prototypes"], expected["prototypes"], 1e-12, f"step {step}: prototypes")
+        assert torch.equal(torch.cat([r["eager"][step]["target"] for r in ranks]), expected["target"])
