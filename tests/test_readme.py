@@ -1,4 +1,7 @@
-"""The README's Python examples run as written."""
+"""The Python examples of the README and of docs/*.md run as written.
+
+Only blocks fenced as ```python are run; a sketch that is not meant to run uses a plain fence.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +10,24 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parent.parent / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+DOCUMENTS = [README, *sorted((ROOT / "docs").glob("*.md"))]
 
 
-def test_readme_has_examples():
-    assert len(BLOCKS) >= 3
+def python_blocks(path: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_example_runs(index):
-    exec(compile(BLOCKS[index], f"README block {index}", "exec"), {})
+BLOCKS = [(path, index, block) for path in DOCUMENTS for index, block in enumerate(python_blocks(path))]
+
+
+def test_readme_has_an_example():
+    assert python_blocks(README), "the README shows no runnable example"
+
+
+@pytest.mark.parametrize(
+    "path, index, block", BLOCKS, ids=[f"{path.relative_to(ROOT)}-{index}" for path, index, _ in BLOCKS]
+)
+def test_documented_example_runs(path, index, block):
+    exec(compile(block, f"{path.relative_to(ROOT)} block {index}", "exec"), {})
