@@ -152,6 +152,7 @@ def op_dtype_reason(name: str, op: str, dtype: torch.dtype) -> str | None:
 
 @torch.compiler.assume_constant_result
 def _resolve(op: str, requested: str, device_type: str, device_index: int, dtype_name: str) -> str:
+    get_op(op)  # an op outside the table is a programming error, whichever backend is asked for
     device = torch.device(device_type, device_index) if device_index >= 0 else torch.device(device_type)
     dtype = getattr(torch, dtype_name)
     if requested == AUTO:

@@ -51,9 +51,13 @@ def build_info() -> dict[str, Any]:
 
 
 def has_kernel(namespace: str, kernel: str, dispatch_key: str) -> bool:
-    """Whether the dispatcher has an implementation of ``<namespace>::<kernel>`` for ``dispatch_key``."""
+    """Whether the dispatcher has an implementation of ``<namespace>::<kernel>`` for ``dispatch_key``
+    (False also when the extension defines no such schema, e.g. one built before the kernel)."""
     name = f"{namespace}::{kernel}"
-    return torch._C._dispatch_has_kernel_for_dispatch_key(name, dispatch_key)
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(name, dispatch_key)
+    except RuntimeError:  # "operator ... does not exist"
+        return False
 
 
 def _contiguous(arg: Any) -> Any:
