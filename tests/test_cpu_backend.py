@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conformance import check_class_scores, check_ppc_ppd_loss
+from conformance import check_class_scores, check_ppc_ppd_loss, check_prototype_similarity
 from conftest import require_backend
 from helpers import assert_bitwise_equal, make_case, relative_error
 
@@ -175,6 +175,14 @@ def test_large_unnormalized_logits():
     fused = ppc_and_grads("cpu", x.float(), p.float())
     for name, ref in exact.items():
         assert relative_error(fused[name], ref) <= 2 * relative_error(plain[name], ref) + 1e-6, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_prototype_similarity_over_several_column_blocks(dtype):
+    # C·K = 2270: forward blocks of 128 columns and backward blocks of 2048 (dx̂ summed over
+    # blocks, dP written per block), the last block of each ragged.
+    check_prototype_similarity("cpu", make_case(150, 12, 227, 10, seed=11), dtype)
+    check_prototype_similarity("cpu", make_case(130, 7, 227, 10, seed=12), dtype, normalize=False)
 
 
 def test_zero_rows_follow_the_norm_clamp():

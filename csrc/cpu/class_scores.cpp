@@ -4,7 +4,9 @@
 // forms dS in place and needs one more GEMM for dx (two more with dP).
 //
 // The prepared prototypes are in PrototypeMajor order: a pixel's S row is K contiguous
-// vectors over the classes, so every per-class reduction over k is element-wise.
+// vectors over the classes, so every per-class reduction over k is element-wise. The
+// epilogue and the gradient functor read whole S rows: the sweeps run with all columns
+// in one block (the engine's default).
 #include <cmath>
 #include <vector>
 

@@ -3,7 +3,7 @@
 // forward; backward recomputes the tile and forms
 //   dS_ij = g_ppc_i·(softmax_j(S_i/τ) − [j = t_i])/τ − 2·g_ppd_i·(1 − S_it)·[j = t_i]
 // in place before the dx GEMM (the softmax recomputed from the tile, see scaled_softmax;
-// the saved lse is not needed).
+// the saved lse is not needed). Both read whole S rows: one column block per sweep.
 #include <cmath>
 
 #include "cpu/checks.h"

@@ -9,27 +9,40 @@ namespace {
 constexpr const char* kForward = "protoseg_kernels::similarity_forward";
 constexpr const char* kBackward = "protoseg_kernels::similarity_backward";
 
-// The tiles hold whole rows in class-major order: each S row is the output row as it is.
+// Nothing here needs a whole S row, so the sweeps may go over column blocks. Forward is a
+// copy-out: small tiles that stay in L1/L2 are fastest (measured). Backward accumulates
+// dx̂ over the blocks, which favours long blocks: whole rows up to 2048 columns (C·K of
+// every preset), so only larger C·K pays the extra dx̂ passes.
+constexpr int64_t kForwardColumnBlock = 128;
+constexpr int64_t kBackwardColumnBlock = 2048;
+
+// Copies each S tile to its place in the output [N, C·K] (class-major, as the API).
 template <typename scalar_t, typename acc_t>
 struct CopySimilarities : RowEpilogue {
-  scalar_t* out;  // [N, C·K]
+  scalar_t* out = nullptr;  // [N, M]
+  int64_t m = 0;
 
   void operator()(NoState&, const Tile<acc_t>& tile) const {
-    const int64_t count = tile.rows * tile.columns;
-    scalar_t* rows = out + tile.row_begin * tile.columns;
-    for (int64_t e = 0; e < count; ++e) rows[e] = static_cast<scalar_t>(tile.s[e]);
+    for (int64_t i = 0; i < tile.rows; ++i) {
+      const acc_t* src = tile.row(i);
+      scalar_t* dst = out + (tile.row_begin + i) * m + tile.column_begin;
+      for (int64_t j = 0; j < tile.columns; ++j) dst[j] = static_cast<scalar_t>(src[j]);
+    }
   }
 };
 
 // dS is the upstream gradient itself.
 template <typename scalar_t, typename acc_t>
 struct LoadUpstreamGrad : RowEpilogue {
-  const scalar_t* grad;  // [N, C·K]
+  const scalar_t* grad = nullptr;  // [N, M]
+  int64_t m = 0;
 
   void operator()(NoState&, const Tile<acc_t>& tile) const {
-    const int64_t count = tile.rows * tile.columns;
-    const scalar_t* rows = grad + tile.row_begin * tile.columns;
-    for (int64_t e = 0; e < count; ++e) tile.s[e] = static_cast<acc_t>(rows[e]);
+    for (int64_t i = 0; i < tile.rows; ++i) {
+      const scalar_t* src = grad + (tile.row_begin + i) * m + tile.column_begin;
+      acc_t* dst = tile.row(i);
+      for (int64_t j = 0; j < tile.columns; ++j) dst[j] = static_cast<acc_t>(src[j]);
+    }
   }
 };
 
@@ -39,7 +52,8 @@ void similarity_forward_impl(const at::Tensor& x, const at::Tensor& prototypes, 
   const auto cols = prepare_prototypes<scalar_t, acc_t>(prototypes, normalize, ClassGrouping::ClassMajor);
   CopySimilarities<scalar_t, acc_t> epilogue;
   epilogue.out = out.data_ptr<scalar_t>();
-  similarity_sweep<scalar_t, acc_t>(x, cols, SweepOptions{normalize}, epilogue);
+  epilogue.m = cols.count;
+  similarity_sweep<scalar_t, acc_t>(x, cols, SweepOptions{normalize, kForwardColumnBlock}, epilogue);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -49,10 +63,12 @@ std::tuple<at::Tensor, at::Tensor> similarity_backward_impl(const at::Tensor& gr
   const auto cols = prepare_prototypes<scalar_t, acc_t>(prototypes, normalize, ClassGrouping::ClassMajor);
   LoadUpstreamGrad<scalar_t, acc_t> gradient;
   gradient.grad = grad.const_data_ptr<scalar_t>();
+  gradient.m = cols.count;
   BackwardOptions options;
   options.normalize_rows = normalize;
   options.recompute = false;
   options.need_column_grad = need_prototype_grad;
+  options.column_block = kBackwardColumnBlock;
   return similarity_backward_sweep<scalar_t, acc_t>(x, cols, options, gradient);
 }
 
