@@ -7,6 +7,16 @@
 // its own and derives class j / K); a memory bank of M labelled vectors (SPEC §10) is
 // another (labels z_j, `ignore_index` for empty slots). Labels are handed to the op's
 // Visitor / gradient rule with each column and never interpreted by the engine.
+//
+// A client op plugs in with three pieces and touches nothing of the engine:
+//   1. prepare_operands(x, columns, normalize, stream, labels): the operands (the
+//      columns may be x itself, for in-batch contrast);
+//   2. forward: a Visitor (similarity_sweep.cuh) run by launch_similarity_sweep, one
+//      per pass when a statistic needs another first, or its own tile kernel on
+//      similarity_micro_tile when it writes S itself;
+//   3. backward: a GradientRule (similarity_backward.cuh) run by
+//      similarity_backward_from_rule, which returns dx and, when asked, dcolumns.
+// The op's arguments reach the device as one Params struct per Visitor / rule.
 #pragma once
 
 #include "cuda/host.h"
