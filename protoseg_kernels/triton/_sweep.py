@@ -27,7 +27,7 @@ from ._columns import Columns, row_args
 from ._config import GemmTiles
 from ._host import dot_precision, launch
 from ._norms import inverse_norms
-from ._tiles import column_tile, load_inverse_norms, num_column_tiles, row_inverse_norms, similarity_tile
+from ._tiles import column_tile, dot_tile, load_inverse_norms, num_column_tiles, row_inverse_norms
 
 
 @dataclass
@@ -58,8 +58,9 @@ def _row_sweep_kernel(
     for t in range(num_column_tiles(cols, FLAT, KS, BC)):
         tile = column_tile(t, cols, FLAT, KS, BC)
         j, c, k, col_ok = tile
-        inv_p = load_inverse_norms(inv_p_ptr, j, col_ok, NORMALIZE)
-        s = similarity_tile(x, rows, row_ok, inv_x, cols, tile, inv_p, BN, BD, KS, BC, PRECISION)
+        s = dot_tile(x, rows, row_ok, cols, j, col_ok, BN, KS * BC, BD, PRECISION)
+        # The column norms are loaded after the dot: not live during its loop.
+        s = s * inv_x[:, None] * load_inverse_norms(inv_p_ptr, j, col_ok, NORMALIZE)[None, :]
         state = STEP(state, s, rows, row_ok, cols, tile, op, FLAGS, KS, BC)
     FINISH(state, rows, row_ok, op, FLAGS)
 

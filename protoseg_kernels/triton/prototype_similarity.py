@@ -13,7 +13,7 @@ from ._config import flat_forward_tiles
 from ._host import check_dtype, dot_precision, launch
 from ._norms import inverse_norms
 from ._similarity_grads import GradientSource, similarity_gradients
-from ._tiles import column_tile, load_inverse_norms, num_columns, similarity_tile, to_dtype
+from ._tiles import column_tile, dot_tile, load_inverse_norms, num_columns, to_dtype
 
 OP = "prototype_similarity"
 
@@ -24,11 +24,11 @@ def _similarity_kernel(x, cols, inv_x_ptr, inv_p_ptr, s_ptr, NORMALIZE: tl.const
                        PRECISION: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN).to(tl.int64)
     row_ok = rows < x.n
-    tile = column_tile(tl.program_id(1), cols, FLAT, KS, BC)
-    j, c, k, col_ok = tile
-    inv_x = load_inverse_norms(inv_x_ptr, rows, row_ok, NORMALIZE)
-    s = similarity_tile(x, rows, row_ok, inv_x, cols, tile, load_inverse_norms(inv_p_ptr, j, col_ok, NORMALIZE),
-                        BN, BD, KS, BC, PRECISION)
+    j, c, k, col_ok = column_tile(tl.program_id(1), cols, FLAT, KS, BC)
+    s = dot_tile(x, rows, row_ok, cols, j, col_ok, BN, KS * BC, BD, PRECISION)
+    # The norms are loaded after the dot: not live during its loop.
+    s = s * load_inverse_norms(inv_x_ptr, rows, row_ok, NORMALIZE)[:, None]
+    s = s * load_inverse_norms(inv_p_ptr, j, col_ok, NORMALIZE)[None, :]
     tl.store(s_ptr + rows[:, None] * num_columns(cols) + j[None, :], to_dtype(s, s_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
