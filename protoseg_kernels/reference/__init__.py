@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .class_scores import class_scores_backward, class_scores_forward
+from .pixel_contrast_loss import pixel_contrast_backward, pixel_contrast_forward
 from .ppc_ppd_loss import ppc_ppd_backward, ppc_ppd_forward
 from .prototype_similarity import similarity_backward, similarity_forward
 from .sinkhorn_assign import (
@@ -24,6 +25,7 @@ __all__ = [
     "ppc_ppd_backward", "ppc_ppd_forward", "prototype_sums", "similarity_backward",
     "similarity_forward", "sinkhorn_class_logsumexp", "sinkhorn_finalize", "sinkhorn_logits",
     "sinkhorn_marginals", "unavailable_reason",
+    "pixel_contrast_backward", "pixel_contrast_forward",
 ]
 
 
