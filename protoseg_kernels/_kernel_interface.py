@@ -156,5 +156,7 @@ class KernelBackend(Protocol):
         SupCon, g_i·s·exp(ℓ_ij − log_norm_i) on P(i) ∪ N(i), minus w_i on P(i); 0 elsewhere.
         Every exponent is ≤ log |P(i)|: no overflow at small τ. Then d â = dℓ·ĉ/τ,
         d ĉ = dℓᵀ·â/τ (only when ``need_contrast_grad``), each through the normalisation.
-        In-batch the op asks for both and adds them (the two roles of each anchor); d ĉ
-        must come from a column sweep (or any fixed-order reduction), not float atomics."""
+        In-batch (``need_contrast_grad`` is then False) d anchors holds both roles of each
+        anchor, dℓ·â/τ + dℓᵀ·â/τ, added in the compute dtype before the normalisation.
+        The dℓᵀ products must come from a column sweep (or another fixed-order reduction),
+        not float atomics."""

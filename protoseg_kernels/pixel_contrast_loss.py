@@ -130,10 +130,8 @@ def _pixel_contrast_backward_op(
     grad_a, grad_c = get_backend(backend).pixel_contrast_backward(
         grad_loss, anchors, labels, anchors if in_batch else contrast, column_labels, positives,
         log_norm, log_b, in_batch, normalize, temperature, base_temperature, supcon,
-        in_batch or need_contrast_grad,
+        need_contrast_grad and not in_batch,
     )
-    if in_batch:
-        return grad_a + grad_c, anchors.new_empty(0)
     return grad_a, or_empty(grad_c, anchors)
 
 

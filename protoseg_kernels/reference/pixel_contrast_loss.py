@@ -106,10 +106,12 @@ def pixel_contrast_backward(
     )
     grad_dot = grad_logits / temperature
     grad_a = grad_dot @ c
+    if in_batch:  # the anchors are the contrast set too: add that role before the normalisation
+        grad_a = grad_a + grad_dot.T @ a
     if normalize:
         grad_a = normalize_rows_backward(anchors.to(a.dtype), grad_a)
     grad_c = None
-    if need_contrast_grad:
+    if need_contrast_grad and not in_batch:
         grad_c = grad_dot.T @ a
         if normalize:
             grad_c = normalize_rows_backward(contrast.to(c.dtype), grad_c)
