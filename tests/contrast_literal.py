@@ -43,12 +43,14 @@ def pixel_contrast(
             losses.append(a.new_zeros(()))
             continue
         logits = (c @ a[i]) / temperature
+        negative_logits = logits[negatives]
+        all_logits = logits[positives + negatives]
         terms = []
         for p in positives:
             if denominator == "contrastiveseg":
-                log_denominator = torch.logsumexp(logits[[p] + negatives], 0)
+                log_denominator = torch.logsumexp(torch.cat([logits[p:p + 1], negative_logits]), 0)
             else:
-                log_denominator = torch.logsumexp(logits[positives + negatives], 0)
+                log_denominator = torch.logsumexp(all_logits, 0)
             terms.append(logits[p] - log_denominator)
         losses.append(-scale * torch.stack(terms).mean())
     return (torch.stack(losses) if losses else a.new_zeros(0)), counts
