@@ -382,6 +382,21 @@ def test_backends_without_the_op_are_refused_by_name():
             pk.pixel_contrast_loss(*case.args())
 
 
+def test_non_contiguous_inputs_and_narrow_label_dtypes(reference_backend):
+    case = make_contrast_case(40, 50, 7, 4, "bank", seed=20)
+    # Every other row and column of wider, transposed storage.
+    wide_anchors = torch.zeros(14, 80, dtype=F64)
+    wide_anchors[::2, ::2] = case.anchors.T
+    wide_bank = torch.zeros(14, 100, dtype=F64)
+    wide_bank[::2, ::2] = case.contrast.T
+    anchors, bank = wide_anchors[::2, ::2].T, wide_bank[::2, ::2].T
+    assert not anchors.is_contiguous() and not bank.is_contiguous()
+    got = pk.pixel_contrast_loss(anchors, case.anchor_labels.to(torch.int32), bank,
+                                 case.contrast_labels.to(torch.int16), reduction="none")
+    want = pk.pixel_contrast_loss(*case.args(), reduction="none")
+    assert_close(got, want, 1e-12)  # the GEMM may sum in another order for strided inputs
+
+
 # ---- dtypes and determinism ------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
