@@ -5,10 +5,10 @@ anchors, empty batches, gradients, registration, bad inputs, dtypes, determinism
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import pytest
 import torch
+from contrast_cases import DENOMINATORS, MODES, ContrastCase, make_contrast_case
 from contrast_literal import pixel_contrast as literal_pixel_contrast
 from helpers import F64, assert_bitwise_equal, assert_close, relative_error
 from torch import Tensor
@@ -16,48 +16,6 @@ from torch import Tensor
 import protoseg_kernels as pk
 from benchmarks.contrast_baseline import contrastive_loss
 from protoseg_kernels._backend import available_backends, get_backend
-
-MODES = ("in_batch", "bank")
-DENOMINATORS = ("contrastiveseg", "supcon")
-
-
-@dataclass
-class ContrastCase:
-    anchors: Tensor
-    anchor_labels: Tensor
-    contrast: Tensor | None
-    contrast_labels: Tensor | None
-
-    def args(self) -> tuple:
-        return self.anchors, self.anchor_labels, self.contrast, self.contrast_labels
-
-
-def make_contrast_case(
-    a: int, m: int, d: int, classes: int, mode: str, *, seed: int = 0, dtype: torch.dtype = F64,
-) -> ContrastCase:
-    """Clustered embeddings with ignored anchors, empty bank slots, a class present among the
-    anchors only (bank: no positive) and a class with a single anchor (in-batch: no positive)."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(classes, d, generator=g, dtype=F64)
-
-    def draw(n: int) -> tuple[Tensor, Tensor]:
-        labels = torch.randint(0, classes, (n,), generator=g)
-        x = centres[labels] + 0.8 * torch.randn(n, d, generator=g, dtype=F64)
-        x = x * (0.5 + torch.rand(n, 1, generator=g, dtype=F64))
-        return x, labels
-
-    anchors, anchor_labels = draw(a)
-    if classes >= 3 and a > 1:
-        anchor_labels[anchor_labels == classes - 1] = 0
-        anchor_labels[int(torch.randint(0, a, (1,), generator=g))] = classes - 1  # one anchor
-    anchor_labels[torch.rand(a, generator=g) < 0.1] = -1
-    if mode == "in_batch":
-        return ContrastCase(anchors.to(dtype), anchor_labels, None, None)
-    contrast, contrast_labels = draw(m)
-    if classes >= 3:
-        contrast_labels[contrast_labels == classes - 1] = 1  # the one-anchor class: no positive
-    contrast_labels[torch.rand(m, generator=g) < 0.15] = -1  # empty slots
-    return ContrastCase(anchors.to(dtype), anchor_labels, contrast.to(dtype), contrast_labels)
 
 
 def _literal(case: ContrastCase, **kw) -> tuple[Tensor, list[int]]:
