@@ -10,7 +10,7 @@ import pytest
 import torch
 from contrast_cases import DENOMINATORS, MODES, ContrastCase, make_contrast_case
 from contrast_literal import pixel_contrast as literal_pixel_contrast
-from helpers import F64, assert_bitwise_equal, assert_close, relative_error
+from helpers import F64, assert_bitwise_equal, assert_close, largest_allocation, relative_error
 from torch import Tensor
 
 import protoseg_kernels as pk
@@ -353,6 +353,23 @@ def test_non_contiguous_inputs_and_narrow_label_dtypes(reference_backend):
                                  case.contrast_labels.to(torch.int16), reduction="none")
     want = pk.pixel_contrast_loss(*case.args(), reduction="none")
     assert_close(got, want, 1e-12)  # the GEMM may sum in another order for strided inputs
+
+
+def test_allocation_probe_sees_the_reference_a_by_m_tensors(reference_backend):
+    """Companion of the fused backends' probe (nothing of size A·M): the probe does see the
+    reference's A×M logits, forward and backward."""
+    a, m = 64, 1000
+    case = make_contrast_case(a, m, 16, 5, "bank", seed=22, dtype=torch.float32)
+    anchors = case.anchors.clone().requires_grad_()
+    loss = None
+
+    def forward():
+        nonlocal loss
+        loss = pk.pixel_contrast_loss(anchors, case.anchor_labels, case.contrast, case.contrast_labels)
+
+    a_by_m = a * m * 4  # fp32 bytes
+    assert largest_allocation(forward) >= a_by_m
+    assert largest_allocation(loss.backward) >= a_by_m
 
 
 # ---- dtypes and determinism ------------------------------------------------------
