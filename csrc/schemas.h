@@ -50,6 +50,16 @@ inline void define_kernel_schemas(torch::Library& m) {
   m.def(
       "momentum_update(Tensor prototypes, Tensor sums, Tensor counts, float momentum, "
       "bool normalize) -> Tensor");
+  // pixel_contrast_loss
+  m.def(
+      "pixel_contrast_forward(Tensor anchors, Tensor anchor_labels, Tensor contrast, "
+      "Tensor contrast_labels, bool in_batch, bool normalize, float temperature, "
+      "float base_temperature, bool supcon) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "pixel_contrast_backward(Tensor grad_loss, Tensor anchors, Tensor anchor_labels, "
+      "Tensor contrast, Tensor contrast_labels, Tensor positives, Tensor log_norm, Tensor log_b, "
+      "bool in_batch, bool normalize, float temperature, float base_temperature, bool supcon, "
+      "bool need_contrast_grad) -> (Tensor, Tensor)");
 }
 
 }  // namespace protoseg

@@ -12,6 +12,8 @@ with fake implementations and autograd:
 * :func:`sinkhorn_assign` — per-class Sinkhorn clustering, all classes at once
 * :func:`update_prototypes` — momentum update of the prototypes
 * :func:`gumbel_index` — the original code's Gumbel assignment (compatibility)
+* :func:`pixel_contrast_loss` — ContrastiveSeg's supervised pixel contrast (in-batch or
+  against a memory bank)
 
 Backends: ``reference``, ``cpu``, ``triton``, ``cuda`` (see
 :func:`available_backends`, :func:`use_backend` and ``$PROTOSEG_BACKEND``).
@@ -25,6 +27,7 @@ from .class_scores import (
     class_scores,
 )
 from .gumbel_index import gumbel_index
+from .pixel_contrast_loss import pixel_contrast_loss
 from .ppc_ppd_loss import PpcPpdLoss, ppc_ppd_loss
 from .prototype_similarity import prototype_similarity
 from .sinkhorn_assign import SinkhornResult, sinkhorn_assign
@@ -43,6 +46,7 @@ __all__ = [
     "available_backends",
     "class_scores",
     "gumbel_index",
+    "pixel_contrast_loss",
     "ppc_ppd_loss",
     "prototype_similarity",
     "sinkhorn_assign",

@@ -162,3 +162,37 @@ def check_index_range(
             f"{op}: {name} must hold {meaning} in [0, {upper}) or ignore_index={ignore_index}, "
             f"found {first} (pass validate=False to treat out-of-range values as ignored)"
         )
+
+
+def check_label_tensor(
+    op: str, name: str, value: object, layout: str, length: int, device: torch.device, owner: str
+) -> torch.Tensor:
+    """A 1-D integer tensor of ``length`` elements (``layout``, e.g. "[A]", is quoted in
+    errors) on ``device``, the device of argument ``owner``; returned as int64."""
+    t = check_tensor(op, name, value)
+    if t.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{op}: {name} must be an integer tensor, got dtype {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != length:
+        raise ValueError(f"{op}: {name} must have shape {layout} = ({length},), got shape {_shape(t)}")
+    if t.device != device:
+        raise ValueError(f"{op}: {name} must be on the same device as {owner} ({device}), got {t.device}")
+    return t.long()
+
+
+def check_class_ids(op: str, name: str, labels: torch.Tensor, ignore_index: int) -> None:
+    """Raise ValueError if ``labels`` holds a negative value other than ``ignore_index``
+    (class ids without a known upper bound). Reads the data: one host synchronisation."""
+    if labels.numel() == 0:
+        return
+    bad = (labels != ignore_index) & (labels < 0)
+    if bool(bad.any()):
+        first = int(labels[bad.nonzero()[0, 0]])
+        raise ValueError(
+            f"{op}: {name} must hold class ids >= 0 or ignore_index={ignore_index}, found {first} "
+            "(pass validate=False to treat negative values as ignored)"
+        )
+
+
+def sanitize_class_ids(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """int64 copy of ``labels`` with ``ignore_index`` and every negative value set to -1."""
+    return torch.where((labels != ignore_index) & (labels >= 0), labels.long(), -1)

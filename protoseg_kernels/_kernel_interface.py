@@ -122,3 +122,49 @@ class KernelBackend(Protocol):
     ) -> Tensor:
         """New [C, K, D] in prototypes' dtype: normalize(γ·P̂ + (1−γ)·normalize(s))
         where count > 0, else P̂ (P̂ = P when ``normalize`` is False)."""
+
+    # ---- pixel_contrast_loss (SPEC §10.1) ------------------------------------
+    # Rows are anchors [A, D], columns the contrast set [M, D] (the same tensor as the
+    # anchors when ``in_batch``: then column i is never contrasted with row i). Labels
+    # arrive sanitised: int64 class ids >= 0, or -1 for an entry that takes no part.
+    # ℓ_ij = ⟨â_i, ĉ_j⟩/τ; P(i) = labelled j with z_j = y_i, N(i) = labelled j with
+    # z_j ≠ y_i (both empty for an ignored anchor). A fused backend sweeps column tiles
+    # per row tile keeping only the per-anchor scalars below (online max-shifted sums),
+    # and recomputes ℓ in backward: nothing of size A·M is ever allocated.
+    def pixel_contrast_forward(
+        self, anchors: Tensor, anchor_labels: Tensor, contrast: Tensor, contrast_labels: Tensor,
+        in_batch: bool, normalize: bool, temperature: float, base_temperature: float,
+        supcon: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(loss [A], positives [A] int64 = |P(i)|, log_norm [A], log_b [A] or empty), all
+        but positives in the compute dtype; s = τ/τ_b.
+
+        ``supcon=False`` (ContrastiveSeg): log_norm_i = log N_i = log Σ_{k∈N(i)} e^{ℓ_ik}
+        (-inf when N(i) is empty), log_b_i = log Σ_{p∈P(i)} 1/(e^{ℓ_ip} + N_i) (-inf when
+        P(i) is empty), loss_i = (s/|P(i)|)·Σ_p [log(e^{ℓ_ip} + N_i) − ℓ_ip]. Two sweeps:
+        log N_i needs every negative before any positive's term can be taken.
+
+        ``supcon=True``: log_norm_i = log Σ_{j∈P(i)∪N(i)} e^{ℓ_ij} (-inf when empty),
+        loss_i = s·(log_norm_i − mean_{p∈P(i)} ℓ_ip), log_b empty. One sweep.
+
+        loss_i = 0 where |P(i)| = 0 (ignored anchors included); log_norm and log_b are
+        unspecified for ignored anchors. NaN in a taking-part entry gives NaN out."""
+
+    def pixel_contrast_backward(
+        self, grad_loss: Tensor, anchors: Tensor, anchor_labels: Tensor, contrast: Tensor,
+        contrast_labels: Tensor, positives: Tensor, log_norm: Tensor, log_b: Tensor,
+        in_batch: bool, normalize: bool, temperature: float, base_temperature: float,
+        supcon: bool, need_contrast_grad: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        """(d anchors [A, D], d contrast [M, D] or None) in the inputs' dtype, for the
+        upstream gradient grad_loss [A] (compute dtype) and the forward's statistics.
+
+        With w_i = g_i·s/|P(i)| (0 where |P(i)| = 0), dℓ_ij is, for ContrastiveSeg,
+        −w_i·sigmoid(log_norm_i − ℓ_ij) on P(i) and w_i·exp(ℓ_ij + log_b_i) on N(i); for
+        SupCon, g_i·s·exp(ℓ_ij − log_norm_i) on P(i) ∪ N(i), minus w_i on P(i); 0 elsewhere.
+        Every exponent is ≤ log |P(i)|: no overflow at small τ. Then d â = dℓ·ĉ/τ,
+        d ĉ = dℓᵀ·â/τ (only when ``need_contrast_grad``), each through the normalisation.
+        In-batch (``need_contrast_grad`` is then False) d anchors holds both roles of each
+        anchor, dℓ·â/τ + dℓᵀ·â/τ, added in the compute dtype before the normalisation.
+        The dℓᵀ products must come from a column sweep (or another fixed-order reduction),
+        not float atomics."""

@@ -59,6 +59,8 @@ OPS: tuple[Op, ...] = (
         Kernel("sinkhorn_logits"), Kernel("sinkhorn_class_logsumexp"), Kernel("sinkhorn_marginals"),
         Kernel("sinkhorn_finalize"))),
     Op("update_prototypes", "SPEC §3.5", (Kernel("prototype_sums"), Kernel("momentum_update"))),
+    Op("pixel_contrast_loss", "SPEC §10.1", (
+        Kernel("pixel_contrast_forward"), Kernel("pixel_contrast_backward", prototype_grad=True))),
 )
 
 OPS_BY_NAME: Mapping[str, Op] = {op.name: op for op in OPS}
