@@ -24,7 +24,7 @@ int64_t target_column(const PreparedColumns<acc_t>& cols, int64_t target) {
 
 // Forward epilogue, per pixel from its whole S row: lse, ppc and ppd.
 template <typename acc_t>
-struct PpcPpdEpilogue : RowEpilogue {
+struct PpcPpdEpilogue : StatelessClient {
   const PreparedColumns<acc_t>* cols = nullptr;
   const int64_t* target = nullptr;  // [N]
   acc_t* ppc = nullptr;             // [N]
@@ -70,7 +70,7 @@ void ppc_ppd_forward_impl(const at::Tensor& x, const at::Tensor& prototypes, con
 
 // Gradient functor, per pixel from its whole S row (see the top of the file).
 template <typename acc_t>
-struct PpcPpdGrad : RowEpilogue {
+struct PpcPpdGrad : StatelessClient {
   const PreparedColumns<acc_t>* cols = nullptr;
   const int64_t* target = nullptr;
   const acc_t* grad_ppc = nullptr;  // [N] or null

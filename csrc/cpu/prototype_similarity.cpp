@@ -18,7 +18,7 @@ constexpr int64_t kBackwardColumnBlock = 2048;
 
 // Copies each S tile to its place in the output [N, C·K] (class-major, as the API).
 template <typename scalar_t, typename acc_t>
-struct CopySimilarities : RowEpilogue {
+struct CopySimilarities : StatelessClient {
   scalar_t* out = nullptr;  // [N, M]
   int64_t m = 0;
 
@@ -33,7 +33,7 @@ struct CopySimilarities : RowEpilogue {
 
 // dS is the upstream gradient itself.
 template <typename scalar_t, typename acc_t>
-struct LoadUpstreamGrad : RowEpilogue {
+struct LoadUpstreamGrad : StatelessClient {
   const scalar_t* grad = nullptr;  // [N, M]
   int64_t m = 0;
 

@@ -22,8 +22,9 @@
 //
 // ---- The client concepts -------------------------------------------------------------
 //
-// A client is one struct holding its parameters (pointers to its inputs and outputs,
-// temperatures, ...) and implementing:
+// A client prepares its columns once per call (prepare_columns: any M, normalised or raw,
+// optional int64 labels, as given or grouped by class) and passes one struct holding its
+// parameters (pointers to its inputs and outputs, temperatures, ...) that implements:
 //
 //   Forward epilogue E:
 //     using State = ...;                               // per-thread scratch and per-row
@@ -31,6 +32,9 @@
 //     void begin_rows(State&, int64_t row_begin, int64_t rows) const;  // new row tile
 //     void operator()(State&, const Tile<acc_t>&) const;   // each column block, in order
 //     void end_rows(State&, int64_t row_begin, int64_t rows) const;    // after the last
+//   E sees S for rows [tile.row_begin, +tile.rows) and prepared columns
+//   [tile.column_begin, +tile.columns), with those columns' labels in tile.labels; it
+//   writes per-row results at end_rows (or in operator() when it takes whole rows).
 //
 //   Backward gradient functor G:
 //     using State = ...;
@@ -42,9 +46,13 @@
 //       needs over a whole row (a softmax normaliser) comes from statistics the forward
 //       saved.
 //
-// RowEpilogue below supplies State = NoState and empty hooks, for clients that only
-// look at one tile at a time (all the prototype clients, which take all columns in one
-// block).
+// The engine owns the tiling, the BLAS calls, the row and column normalisation (and its
+// backward), the thread split and the order of every cross-tile sum; a client owns only
+// its per-element math. A loss that needs two passes over the columns (one statistic
+// before another, as ContrastiveSeg's per-positive denominator needs the negatives' sum)
+// runs two forward sweeps with two epilogues. StatelessClient below supplies State =
+// NoState and empty hooks, for clients that need no state (prototype_similarity,
+// ppc_ppd_loss).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -92,7 +100,7 @@ struct TileShape {
 struct NoState {};
 
 // Default hooks: no state, nothing to do at row-tile boundaries.
-struct RowEpilogue {
+struct StatelessClient {
   using State = NoState;
   NoState make_state(const TileShape&) const { return {}; }
   void begin_rows(NoState&, int64_t, int64_t) const {}
@@ -107,7 +115,7 @@ struct SweepOptions {
 struct BackwardOptions {
   bool normalize_rows = true;
   bool recompute = true;          // the gradient functor reads S
-  bool need_column_grad = false;  // also return dC
+  bool need_column_grad = false;  // also return dC (needs up to kMaxChunks × [M, D] partials)
   int64_t column_block = 0;       // as in SweepOptions
 };
 
