@@ -5,7 +5,9 @@
   the data-dependent class loop splits it into several graphs, as it would in a
   user's model).
 * one per ``protoseg_kernels`` backend that serves the device natively:
-  ``reference``, ``cpu`` on CPU; ``reference``, ``triton``, ``cuda`` on CUDA.
+  ``reference``, ``cpu`` on CPU; ``reference``, ``triton``, ``cuda`` on CUDA. Each
+  runs :func:`benchmarks.head_step.fused_step`, the head step composed from the
+  public ops only (what a user writes; 3 similarity GEMMs per step).
   (``cuda_emulated`` and interpreted Triton exist for the tests, not for speed.)
 * ``gemm_floor``: the bare GEMMs of the floor (:mod:`benchmarks.flops`).
 """

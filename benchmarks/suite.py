@@ -2,8 +2,10 @@
 
 * ``default`` (``make bench``): the three presets of SPEC §7 for the whole head
   step with every implementation (``torch.compile`` included), a sweep over N at
-  the ADE20K preset, and the per-op rows at ADE20K. On a CPU, N is the per-GPU
-  pixel count divided by 8, so that the suite fits in a few minutes on 2 cores.
+  the ADE20K preset, and the per-op rows at ADE20K. On a CPU, the presets' N is
+  the per-GPU pixel count divided by 4 and the sweep's and op rows' by 8, so that
+  the suite fits in minutes on 2 cores (``problems.CPU_PRESET_SCALE_DOWN`` says
+  why the presets are larger).
 * ``full``: also the per-op rows at every preset, ``torch.compile`` in the
   sweep, a longer sweep and more timed runs.
 * ``memory``: the head step at the three presets with the per-GPU N of SPEC §7
@@ -19,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .measure import TimingPlan
-from .problems import CPU_SCALE_DOWN, PRESETS, Problem
+from .problems import CPU_PRESET_SCALE_DOWN, CPU_SCALE_DOWN, PRESETS, Problem
 
 SUITES = ("default", "full", "memory", "smoke")
 SWEEP_PRESET = "ade20k"
@@ -38,6 +40,7 @@ class Suite:
     isolate: bool = True  # each implementation in its own process
     threads: int | None = None  # torch threads in the workers (None: torch's default)
     scale_down: int | None = 1  # preset N = per-GPU N / scale_down (None: not the presets)
+    # (the sweep and op rows on a CPU: per-GPU N / CPU_SCALE_DOWN)
 
 
 def _preset_problems(scale_down: int) -> tuple[Problem, ...]:
@@ -62,16 +65,16 @@ def build_suite(name: str, device_type: str, compile_baseline: bool = True) -> S
         plan = TimingPlan(warmup=1, min_runs=3, max_runs=3, target_seconds=0.0)
         return Suite(name, _preset_problems(1), (), (), plan, False, False)
     gpu = device_type == "cuda"
-    scale_down = 1 if gpu else CPU_SCALE_DOWN
-    presets = _preset_problems(scale_down)
-    ade20k = next(p for p in presets if p.name == SWEEP_PRESET)
+    preset_scale, scale_down = (1, 1) if gpu else (CPU_PRESET_SCALE_DOWN, CPU_SCALE_DOWN)
+    presets = _preset_problems(preset_scale)
+    small = _preset_problems(scale_down)  # the op rows' sizes
     if name == "default":
         plan = TimingPlan(warmup=5, min_runs=20, max_runs=200, target_seconds=1.0) if gpu else \
             TimingPlan(warmup=2, min_runs=5, max_runs=15, target_seconds=2.0)
         sweep = _sweep(scale_down, (1, 2, 4, 8))
-        ops = presets if gpu else (ade20k,)
-        return Suite(name, presets, sweep, ops, plan, compile_baseline, False, scale_down=scale_down)
+        ops = small if gpu else tuple(p for p in small if p.name == SWEEP_PRESET)
+        return Suite(name, presets, sweep, ops, plan, compile_baseline, False, scale_down=preset_scale)
     plan = TimingPlan(warmup=10, min_runs=50, max_runs=500, target_seconds=3.0) if gpu else \
         TimingPlan(warmup=3, min_runs=10, max_runs=30, target_seconds=5.0)
     sweep = _sweep(scale_down, (1, 2, 4, 8, 16))
-    return Suite(name, presets, sweep, presets, plan, compile_baseline, compile_baseline, scale_down=scale_down)
+    return Suite(name, presets, sweep, small, plan, compile_baseline, compile_baseline, scale_down=preset_scale)

@@ -222,14 +222,19 @@ def test_smoke_suite_rows_are_well_formed(smoke_run):
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_suites_size_the_presets(device):
-    from benchmarks.problems import CPU_SCALE_DOWN, PRESETS
+    from benchmarks.problems import CPU_PRESET_SCALE_DOWN, CPU_SCALE_DOWN, PRESETS
     from benchmarks.suite import build_suite
 
     per_gpu = {name: p.n_gpu for name, p in PRESETS.items()}
     default = build_suite("default", device)
-    scale = CPU_SCALE_DOWN if device == "cpu" else 1
+    scale, small_scale = (CPU_PRESET_SCALE_DOWN, CPU_SCALE_DOWN) if device == "cpu" else (1, 1)
     assert default.scale_down == scale
     assert {p.name: p.n for p in default.presets} == {k: n // scale for k, n in per_gpu.items()}
+    assert ("ade20k", per_gpu["ade20k"] // small_scale) in {(p.name, p.n) for p in default.ops}
+    sweep = [p.n for p in default.sweep]
+    assert sweep == [per_gpu["ade20k"] // small_scale * f // 4 for f in (1, 2, 4, 8)]
+    if device == "cpu":  # ADE20K and COCO-Stuff at 8,192 pixels, where the speed claim is checked
+        assert {p.name: p.n for p in default.presets}["coco_stuff"] == 8192
     memory = build_suite("memory", device)  # the per-GPU N, head step only, no torch.compile
     assert memory.scale_down == 1 and {p.name: p.n for p in memory.presets} == per_gpu
     assert not memory.sweep and not memory.ops and not memory.compile_presets
