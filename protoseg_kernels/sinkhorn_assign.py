@@ -112,6 +112,7 @@ def sinkhorn_assign(
         return_q: also return the soft assignment q [N, K].
         process_group: a ``torch.distributed`` group: the clustering then runs on
             the pixels of all its ranks (global equipartition); None: per process.
+            Its all-reduces run inside the custom op (also under ``torch.compile``).
         validate: raise ``ValueError`` on labels outside [0, C) that are not
             ``ignore_index``; with ``False`` they are ignored.
 

@@ -117,7 +117,8 @@ def update_prototypes(
         normalize: l2-normalise ``x`` and ``prototypes`` first (else used as given).
         ignore_index: label of pixels to skip.
         process_group: a ``torch.distributed`` group whose ranks' sums and counts
-            are added before the update; None: this process's pixels only.
+            are added before the update; None: this process's pixels only. Its
+            all-reduces run inside the custom op (also under ``torch.compile``).
         validate: raise ``ValueError`` on out-of-range labels/index; with
             ``False`` such pixels are skipped.
 
