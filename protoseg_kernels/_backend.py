@@ -151,7 +151,9 @@ def op_dtype_reason(name: str, op: str, dtype: torch.dtype) -> str | None:
 
 
 @torch.compiler.assume_constant_result
-def _resolve(op: str, requested: str, device_type: str, device_index: int, dtype_name: str) -> str:
+def _resolve(
+    op: str, requested: str, device_type: str, device_index: int, dtype_name: str, argument: str = "x",
+) -> str:
     get_op(op)  # an op outside the table is a programming error, whichever backend is asked for
     device = torch.device(device_type, device_index) if device_index >= 0 else torch.device(device_type)
     dtype = getattr(torch, dtype_name)
@@ -170,7 +172,10 @@ def _resolve(op: str, requested: str, device_type: str, device_index: int, dtype
         )
     reason = op_dtype_reason(requested, op, dtype)
     if reason is not None:
-        raise TypeError(f"{op}: {reason}; use backend 'auto' (pk.use_backend) to pick one that does")
+        raise TypeError(
+            f"{op}: {argument} is {dtype_name}, but {reason}; use backend 'auto' (pk.use_backend) "
+            "to pick one that does"
+        )
     return requested
 
 
@@ -179,10 +184,16 @@ def auto_backend(op: str, device_type: str, dtype: torch.dtype) -> str:
     return _resolve(op, AUTO, device_type, -1, str(dtype).removeprefix("torch."))
 
 
-def resolve_backend(op: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
-    """The concrete backend to run public op ``op`` on ``dtype`` tensors of ``device``."""
+def resolve_backend(
+    op: str, device: torch.device, dtype: torch.dtype = torch.float32, argument: str = "x",
+) -> str:
+    """The concrete backend to run public op ``op`` on ``dtype`` tensors of ``device``.
+
+    ``argument`` names the input whose dtype ``dtype`` is, for the error raised when an
+    explicitly requested backend does not compute the op in it.
+    """
     index = -1 if device.index is None else device.index
-    return _resolve(op, requested_backend(), device.type, index, str(dtype).removeprefix("torch."))
+    return _resolve(op, requested_backend(), device.type, index, str(dtype).removeprefix("torch."), argument)
 
 
 def get_backend(name: str) -> ModuleType:

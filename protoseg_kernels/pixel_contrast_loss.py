@@ -246,6 +246,6 @@ def pixel_contrast_loss(
     validate = check_bool(OP, "validate", validate)
     loss, positives, _, _ = _pixel_contrast_op(
         anchors, anchor_labels, contrast, contrast_labels, normalize, temperature, base_temperature,
-        denominator == "supcon", ignore_index, validate, resolve_backend(OP, anchors.device, anchors.dtype),
+        denominator == "supcon", ignore_index, validate, resolve_backend(OP, anchors.device, anchors.dtype, argument="anchors"),
     )
     return _reduce(loss, positives, reduction)

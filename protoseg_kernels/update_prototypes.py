@@ -138,7 +138,9 @@ def update_prototypes(
     validate = check_bool(OP, "validate", validate)
     group = group_name(OP, process_group)
     x, prototypes = x.detach(), prototypes.detach()
-    backend = resolve_backend(OP, x.device, torch.promote_types(x.dtype, prototypes.dtype))
+    # The kernels compute in x's dtype; the prototypes' dtype only sets the output's, which
+    # every backend honours (fp64 prototypes with fp32 x run on triton too).
+    backend = resolve_backend(OP, x.device, x.dtype)
     new, counts = _update_op(
         prototypes, x, labels, index, mask, momentum, normalize, ignore_index, validate, backend,
         group,
