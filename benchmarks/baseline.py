@@ -1,4 +1,4 @@
-"""The naive ProtoSeg head step (SPEC §8): the baseline every number is compared with.
+"""The naive ProtoSeg head step (docs/spec.md §8): the baseline every number is compared with.
 
 Written the way the original code does it, on purpose: the similarities are
 computed twice (an einsum for the class scores, a matmul for the contrast

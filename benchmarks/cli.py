@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(head_text)
     print("\nPer op")
     print(op_text)
-    print("\nSPEC §7 targets (best protoseg backend, head step)")
+    print("\ndocs/spec.md §7 targets (best protoseg backend, head step)")
     print(report.render_targets(targets))
 
     document = {

@@ -1,4 +1,4 @@
-"""The naive ContrastiveSeg pixel-contrast loss (SPEC §12): the baseline of the
+"""The naive ContrastiveSeg pixel-contrast loss (docs/spec.md §12): the baseline of the
 pixel-contrast benchmark rows.
 
 Written the way the original ``_contrastive`` is, on purpose: the dense A×M logits, a
@@ -7,7 +7,7 @@ float mask of equal labels, the negative mask, the self-exclusion mask built by
 ``exp + negatives``, and a masked mean over the positives. Every one of those is an A×M
 tensor that autograd keeps for backward. Do not optimise this file: it is what users run.
 
-Deviations from the original, each needed to compute the loss SPEC §10.1 defines:
+Deviations from the original, each needed to compute the loss docs/spec.md §10.1 defines:
 anchors come flat ([A, D], not [classes, views, D]); entries labelled ``ignore_index``
 (empty bank slots) are masked out of the contrast set; the self-exclusion applies only
 in-batch (the original also drops column i of the bank for anchor i); an anchor without a

@@ -10,7 +10,7 @@ exp and normalisation is not counted):
 * prototype sums: N·D;
 * target similarity, a gathered dot product per pixel: 2·N·D (its dx as much).
 
-The GEMM floor (SPEC §7) is the measured time of bare GEMMs of the same sizes:
+The GEMM floor (docs/spec.md §7) is the measured time of bare GEMMs of the same sizes:
 a fused head step needs the forward similarity GEMM, its recomputation in
 backward and the dx GEMM, i.e. 2 × "fwd" + 1 × "dx". Per-op rows use the GEMMs
 their fused algorithm needs (Sinkhorn and the update have no GEMM floor).

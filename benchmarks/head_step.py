@@ -7,7 +7,7 @@
   s_t is the cosine to the target prototype (``target_similarity``: a gathered dot
   product, N·D work), as ``ProtoSegHead`` does.
 
-Only public ops: this is the composition a user writes (SPEC §7), 3 similarity
+Only public ops: this is the composition a user writes (docs/spec.md §7), 3 similarity
 GEMMs per step (the scores' pass forward; its recomputation and dx backward).
 * ``update_prototypes`` moves the prototypes from the correctly predicted pixels,
   with the Sinkhorn argmax as assignment (what the paper describes).

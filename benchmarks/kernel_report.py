@@ -33,7 +33,7 @@ def _sibling(name: str) -> str:
 
 
 def presets() -> dict[str, tuple[int, int, int, int]]:
-    """SPEC §7 presets: name -> (N pixels per GPU, D, C, K)."""
+    """docs/spec.md §7 presets: name -> (N pixels per GPU, D, C, K)."""
     problems = importlib.import_module(_sibling("problems"))
     return {name: (p.n_gpu, p.d, p.c, p.k) for name, p in problems.PRESETS.items()}
 

@@ -1,4 +1,4 @@
-"""Resource usage of every CUDA kernel of ``csrc/cuda`` (SPEC §6), for the kernel report.
+"""Resource usage of every CUDA kernel of ``csrc/cuda`` (docs/spec.md §6), for the kernel report.
 
 Each ``.cu`` file is compiled to a cubin per target with ``nvcc -Xptxas=-v`` and the same
 flags as the extension build (no GPU needed); every kernel entry, i.e. every template

@@ -1,7 +1,7 @@
 """Kernel-report rows of the Triton backend (see ``kernel_report.py``).
 
 Every Triton kernel is compiled ahead of time, for each target, at exactly the
-launches the backend makes at the SPEC §7 presets: each kernel function of the
+launches the backend makes at the docs/spec.md §7 presets: each kernel function of the
 backend is called on meta tensors of the preset shapes while its launches are
 recorded (no GPU, no data), and each distinct launch is specialised the way
 Triton's runtime would and compiled with ``triton.compile``. Registers, stack and

@@ -1,4 +1,4 @@
-"""Problem sizes (SPEC §7 presets) and the random inputs of a head step.
+"""Problem sizes (docs/spec.md §7 presets) and the random inputs of a head step.
 
 Inputs are drawn to look like a ProtoSeg batch rather than white noise: each
 pixel embedding lies near one prototype of its class (cosine about 0.7), class
@@ -43,7 +43,7 @@ class Problem:
 
 @dataclass(frozen=True)
 class Preset:
-    """A dataset preset of SPEC §7 with its per-GPU pixel count."""
+    """A dataset preset of docs/spec.md §7 with its per-GPU pixel count."""
 
     name: str
     c: int
@@ -61,7 +61,7 @@ PRESETS = {
     "coco_stuff": Preset("coco_stuff", c=171, k=10, d=720, n_gpu=32_768),
 }
 
-# On a CPU the sizes are scaled down (SPEC §7) to fit the suite in minutes. The
+# On a CPU the sizes are scaled down (docs/spec.md §7) to fit the suite in minutes. The
 # head-step presets, where the speed and memory targets are checked, use the
 # per-GPU N / 4: the naive step's per-class Python loop costs the same at any N,
 # so at small N it inflates the speed-up; at N/4 (ADE20K, COCO-Stuff: 8,192

@@ -1,4 +1,4 @@
-"""Derived columns, the terminal/markdown tables, the SPEC §7 target check, and files.
+"""Derived columns, the terminal/markdown tables, the docs/spec.md §7 target check, and files.
 
 Columns (README "Benchmarks" explains them for users):
 median / p20 / p80 ms, GFLOP/s (useful FLOPs / median), × floor (median / GEMM
@@ -20,7 +20,7 @@ from .implementations import BASELINE, COMPILED, FLOOR, display_name, is_backend
 MiB = 2**20
 Row = dict[str, Any]
 
-# SPEC §7 targets on the whole head step (the speed targets at every preset: the
+# docs/spec.md §7 targets on the whole head step (the speed targets at every preset: the
 # ≥ 2× claim is made for ADE20K and COCO-Stuff, where C·K ≫ D, and Cityscapes is
 # reported too, not left out).
 SPEED_PRESETS = ("ade20k", "coco_stuff", "cityscapes")
@@ -156,7 +156,7 @@ def _check(name: str, value: float | None, limit: float, at_least: bool, detail:
 
 
 def check_targets(rows: list[Row], preset_keys: Iterable[tuple]) -> list[dict[str, Any]]:
-    """SPEC §7 targets on the head step at the suite's preset sizes (best backend)."""
+    """docs/spec.md §7 targets on the head step at the suite's preset sizes (best backend)."""
     results = []
     for key in preset_keys:
         block = [r for r in rows if r["group"] == "head" and _problem_key(r) == key and _ok(r)]

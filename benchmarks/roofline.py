@@ -1,6 +1,6 @@
 """The roofline argument for a GPU: FLOPs and bytes moved per head step, and per op.
 
-``python -m benchmarks.roofline`` prints, for each SPEC §7 preset at its per-GPU
+``python -m benchmarks.roofline`` prints, for each docs/spec.md §7 preset at its per-GPU
 N, the GEMM FLOPs and a byte count of the naive step and of the fused step, and
 the lower bounds they give on an H100 (SXM, dense peaks). It is a model, not a
 measurement: every tensor pass is listed below, so it can be checked and

@@ -2,7 +2,7 @@
 
 A step starts from the embedding ``x`` [N, D] (the output of ``feat_norm``) and
 labels [N] at feature resolution, and does what ProtoSeg does per training
-iteration (SPEC §8): l2-normalise, class scores (max over each class's K
+iteration (docs/spec.md §8): l2-normalise, class scores (max over each class's K
 prototypes), ``mask_norm`` LayerNorm, Sinkhorn targets per class, the PPC and
 PPD losses, the momentum update of the prototypes from correctly predicted
 pixels, and the backward pass of the loss to ``x`` and the ``mask_norm``

@@ -1,6 +1,6 @@
 """The benchmark suites: which problems and implementations each one measures.
 
-* ``default`` (``make bench``): the three presets of SPEC §7 for the whole head
+* ``default`` (``make bench``): the three presets of docs/spec.md §7 for the whole head
   step with every implementation (``torch.compile`` included), a sweep over N at
   the ADE20K preset, and the per-op rows at ADE20K. On a CPU, the presets' N is
   the per-GPU pixel count divided by 4 and the sweep's and op rows' by 8, so that
@@ -8,7 +8,7 @@
   why the presets are larger).
 * ``full``: also the per-op rows at every preset, ``torch.compile`` in the
   sweep, a longer sweep and more timed runs.
-* ``memory``: the head step at the three presets with the per-GPU N of SPEC §7
+* ``memory``: the head step at the three presets with the per-GPU N of docs/spec.md §7
   (no scale-down, also on a CPU), baseline and protoseg backends, three timed
   runs: the memory ratios at the sizes users train at, where the fixed C·K·D
   buffers (prepared and updated prototypes) no longer weigh 8× more than at N/8.

@@ -1,5 +1,5 @@
 """Median GPU time of each op on the triton backend against the reference backend, at
-the SPEC §7 presets (``triton.testing.do_bench``, median of repeated runs).
+the docs/spec.md §7 presets (``triton.testing.do_bench``, median of repeated runs).
 
     python benchmarks/time_triton_ops.py [--dtype bf16] [--presets ade20k,cityscapes]
 
@@ -20,7 +20,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _presets() -> dict[str, tuple[int, int, int, int]]:
-    """SPEC §7 presets of benchmarks/problems.py: name -> (N per GPU, D, C, K)."""
+    """docs/spec.md §7 presets of benchmarks/problems.py: name -> (N per GPU, D, C, K)."""
     problems = importlib.import_module(f"{__package__}.problems" if __package__ else "problems")
     return {name: (p.n_gpu, p.d, p.c, p.k) for name, p in problems.PRESETS.items()}
 

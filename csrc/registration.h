@@ -4,7 +4,7 @@
 // Kernel schemas live in a namespace of their own, apart from the public ops (`protoseg`):
 // `protoseg_kernels` in the real extension, `protoseg_kernels_emulated` in the host
 // emulation build of the CUDA sources (PROTOSEG_EMULATION), which registers the very same
-// CUDA sources for CPU tensors (the test backend `cuda_emulated`, SPEC §6).
+// CUDA sources for CPU tensors (the test backend `cuda_emulated`, docs/spec.md §6).
 #pragma once
 
 #include <torch/library.h>

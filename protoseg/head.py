@@ -1,4 +1,4 @@
-"""``ProtoSegHead``: the prototype segmentation head of ProtoSeg (SPEC §7, §8).
+"""``ProtoSegHead``: the prototype segmentation head of ProtoSeg (docs/spec.md §7, §8).
 
 Forward, on features f [b, C_in, h, w]:
 
@@ -25,7 +25,7 @@ Differences from the original code, unless ``compat="protoseg"``: the update use
 the Sinkhorn argmax (``assignment="argmax"``, what the paper describes) instead of
 a Gumbel draw from the Sinkhorn probabilities, and with a ``process_group`` the
 Sinkhorn clustering and the update run on the pixels of all ranks (global
-semantics, SPEC §3.4/§3.5) instead of per rank followed by an average of the
+semantics, docs/spec.md §3.4/§3.5) instead of per rank followed by an average of the
 ranks' prototypes. PPC/PPD are 0 (not NaN) on a batch without labelled pixels.
 """
 

@@ -30,7 +30,7 @@ def check_labels(labels: object, batch: int, num_classes: int, ignore_index: int
 
 
 def downsample_labels(labels: Tensor, size: tuple[int, int]) -> Tensor:
-    """Nearest-neighbour resampling of [b, H, W] labels to ``size`` (SPEC §8.4).
+    """Nearest-neighbour resampling of [b, H, W] labels to ``size`` (docs/spec.md §8.4).
 
     ``F.interpolate(mode="nearest")`` on float labels, as the original code does:
     for an integer factor it keeps the top-left pixel of each block. Integer

@@ -1,4 +1,4 @@
-"""``PixelPrototypeCELoss``: segmentation cross-entropy + weighted PPC + PPD (SPEC §8.7)."""
+"""``PixelPrototypeCELoss``: segmentation cross-entropy + weighted PPC + PPD (docs/spec.md §8.7)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Fused kernels for prototype-based semantic segmentation (ProtoSeg, CVPR 2022).
 
-Public ops (SPEC §3), each a ``torch.library`` custom op in namespace ``protoseg``
+Public ops (docs/spec.md §3), each a ``torch.library`` custom op in namespace ``protoseg``
 with fake implementations and autograd:
 
 * :func:`prototype_similarity` — S [N, C, K]

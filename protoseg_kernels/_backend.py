@@ -1,4 +1,4 @@
-"""Backend registry and selection (SPEC §4).
+"""Backend registry and selection (docs/spec.md §4).
 
 A backend is a module implementing kernels of the contract of
 :mod:`protoseg_kernels._kernel_interface`, plus:

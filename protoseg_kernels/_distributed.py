@@ -1,4 +1,4 @@
-"""All-reduces of the small [C, K] buffers between kernel passes (SPEC §3.4, §3.5).
+"""All-reduces of the small [C, K] buffers between kernel passes (docs/spec.md §3.4, §3.5).
 
 With a process group, every rank ends up with the sums over all ranks' pixels,
 so the result equals a single process run on the concatenated pixels. Without

@@ -123,7 +123,7 @@ class KernelBackend(Protocol):
         """New [C, K, D] in prototypes' dtype: normalize(γ·P̂ + (1−γ)·normalize(s))
         where count > 0, else P̂ (P̂ = P when ``normalize`` is False)."""
 
-    # ---- pixel_contrast_loss (SPEC §10.1) ------------------------------------
+    # ---- pixel_contrast_loss (docs/spec.md §10.1) ------------------------------------
     # Rows are anchors [A, D], columns the contrast set [M, D] (the same tensor as the
     # anchors when ``in_batch``: then column i is never contrasted with row i). Labels
     # arrive sanitised: int64 class ids >= 0, or -1 for an entry that takes no part.

@@ -44,22 +44,22 @@ class Op:
     """A public op (``pk.<name>``, ``torch.ops.protoseg.<name>``) and the kernels it runs."""
 
     name: str
-    spec: str  # its section of the contract (SPEC §N, docs/spec.md)
+    spec: str  # its section of the contract (docs/spec.md §N)
     kernels: tuple[Kernel, ...]
 
 
 OPS: tuple[Op, ...] = (
-    Op("prototype_similarity", "SPEC §3.1", (
+    Op("prototype_similarity", "docs/spec.md §3.1", (
         Kernel("similarity_forward"), Kernel("similarity_backward", prototype_grad=True))),
-    Op("class_scores", "SPEC §3.2", (
+    Op("class_scores", "docs/spec.md §3.2", (
         Kernel("class_scores_forward"), Kernel("class_scores_backward", prototype_grad=True))),
-    Op("ppc_ppd_loss", "SPEC §3.3", (
+    Op("ppc_ppd_loss", "docs/spec.md §3.3", (
         Kernel("ppc_ppd_forward"), Kernel("ppc_ppd_backward", prototype_grad=True))),
-    Op("sinkhorn_assign", "SPEC §3.4", (
+    Op("sinkhorn_assign", "docs/spec.md §3.4", (
         Kernel("sinkhorn_logits"), Kernel("sinkhorn_class_logsumexp"), Kernel("sinkhorn_marginals"),
         Kernel("sinkhorn_finalize"))),
-    Op("update_prototypes", "SPEC §3.5", (Kernel("prototype_sums"), Kernel("momentum_update"))),
-    Op("pixel_contrast_loss", "SPEC §10.1", (
+    Op("update_prototypes", "docs/spec.md §3.5", (Kernel("prototype_sums"), Kernel("momentum_update"))),
+    Op("pixel_contrast_loss", "docs/spec.md §10.1", (
         Kernel("pixel_contrast_forward"), Kernel("pixel_contrast_backward", prototype_grad=True))),
 )
 

@@ -1,4 +1,4 @@
-"""``class_scores``: per-class scores from K prototypes per class (SPEC §3.2).
+"""``class_scores``: per-class scores from K prototypes per class (docs/spec.md §3.2).
 
 With S[i, c, k] = ⟨x̂_i, P̂_ck⟩:
 
@@ -10,7 +10,7 @@ With S[i, c, k] = ⟨x̂_i, P̂_ck⟩:
 * ``lse_temperature=τ'``: also lse_i = log Σ_j exp(S_ij/τ') over all C·K
   prototypes, from the same pass; dS_ij += g_i·softmax_j(S_i/τ')/τ'.
 
-The training-head recipe (SPEC §7): with ``lse_temperature=τ``, the PPC loss of
+The training-head recipe (docs/spec.md §7): with ``lse_temperature=τ``, the PPC loss of
 pixel i with target prototype t_i is ``lse_i − s_t/τ`` where
 ``s_t = (x̂_i · P̂_{t_i}).sum()`` is a cheap gathered dot product, so class scores
 and the PPC normaliser cost one GEMM pass forward and two backward.

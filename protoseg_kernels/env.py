@@ -3,7 +3,7 @@
 Prints the versions of Python, torch, triton and CUDA, the build metadata of the
 compiled extension, for every backend whether it can be used and, if not, why, and the
 op × backend table: which backend implements which op in which dtypes (or why not), and
-which backend ``auto`` picks for each op per device (SPEC §4).
+which backend ``auto`` picks for each op per device (docs/spec.md §4).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``gumbel_index``: the original ProtoSeg update assignment (SPEC §3.6), kept for
+"""``gumbel_index``: the original ProtoSeg update assignment (docs/spec.md §3.6), kept for
 compatibility.
 
 The original code draws ``F.gumbel_softmax(q, tau=0.5, hard=True)`` with the

@@ -1,4 +1,4 @@
-"""``pixel_contrast_loss``: ContrastiveSeg's supervised pixel contrast (SPEC §10.1).
+"""``pixel_contrast_loss``: ContrastiveSeg's supervised pixel contrast (docs/spec.md §10.1).
 
 Anchors a_i [A, D] with labels y_i; a contrast set c_j [M, D] with labels z_j (a memory
 bank), or, without one, the anchors themselves (in-batch: j ≠ i). With â, ĉ
@@ -24,7 +24,7 @@ no positive has loss 0 and a zero gradient row.
 The kernels return, besides loss [A], the per-anchor scalars the backward needs:
 |P(i)|, log N_i (contrastiveseg) or LSE_i (supcon), and log B_i (contrastiveseg). Given
 them, the backward is a function of ℓ_ij alone, so a fused backend recomputes ℓ tile by
-tile and never holds anything of size A·M (SPEC §10.1).
+tile and never holds anything of size A·M (docs/spec.md §10.1).
 
 GEMM-pass floor (one pass = the A×D×M product; in-batch M = A), as fused backends will
 need it, forward + backward:
@@ -244,8 +244,9 @@ def pixel_contrast_loss(
     ignore_index = check_int(OP, "ignore_index", ignore_index)
     reduction = check_choice(OP, "reduction", reduction, REDUCTIONS)
     validate = check_bool(OP, "validate", validate)
+    backend = resolve_backend(OP, anchors.device, anchors.dtype, argument="anchors")
     loss, positives, _, _ = _pixel_contrast_op(
         anchors, anchor_labels, contrast, contrast_labels, normalize, temperature, base_temperature,
-        denominator == "supcon", ignore_index, validate, resolve_backend(OP, anchors.device, anchors.dtype, argument="anchors"),
+        denominator == "supcon", ignore_index, validate, backend,
     )
     return _reduce(loss, positives, reduction)

@@ -1,4 +1,4 @@
-"""``ppc_ppd_loss``: the prototype contrast (PPC) and distance (PPD) losses (SPEC §3.3).
+"""``ppc_ppd_loss``: the prototype contrast (PPC) and distance (PPD) losses (docs/spec.md §3.3).
 
 For each valid pixel i with target prototype t_i (a flat index c·K + k):
 
@@ -12,7 +12,7 @@ recompute S in backward, never holding N×C×K.
 With ``lse=`` (the log-sum-exp that ``class_scores(..., lse_temperature=τ)`` already
 computed) only s_it is computed, by the ``target_similarity`` op (N·D work), and
 the gradient of lse flows back through ``class_scores``' own backward: scores,
-PPC and PPD together cost 3 similarity GEMMs per step (SPEC §7).
+PPC and PPD together cost 3 similarity GEMMs per step (docs/spec.md §7).
 """
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def ppc_ppd_loss(
         ``PpcPpdLoss(ppc, ppd)``, fp32 (fp64 for fp64 inputs). Differentiable in
         ``x`` and ``prototypes`` (and ``lse``).
 
-    The 3-GEMM training head (SPEC §7)::
+    The 3-GEMM training head (docs/spec.md §7)::
 
         scores, lse = pk.class_scores(x, prototypes, lse_temperature=tau)
         ppc, ppd = pk.ppc_ppd_loss(x, prototypes, target, lse=lse, temperature=tau)

@@ -1,4 +1,4 @@
-"""``prototype_similarity``: the full similarity tensor S [N, C, K] (SPEC §3.1).
+"""``prototype_similarity``: the full similarity tensor S [N, C, K] (docs/spec.md §3.1).
 
     S[i, c, k] = ⟨x̂_i, P̂_ck⟩,   x̂ = x / max(‖x‖, 1e-12) when ``normalize``.
 

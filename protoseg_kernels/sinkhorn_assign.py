@@ -1,5 +1,5 @@
 """``sinkhorn_assign``: online clustering of each class's pixels onto its K
-prototypes, all classes at once (SPEC §3.4).
+prototypes, all classes at once (docs/spec.md §3.4).
 
 For class c with pixels I_c and logits L_i = S[i, c, :]/ε, the matrix
 Sinkhorn-Knopp of the original code equals the per-class offset recurrence

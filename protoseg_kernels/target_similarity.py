@@ -1,8 +1,8 @@
-"""``target_similarity``: each pixel's similarity to its target prototype (SPEC §3.3).
+"""``target_similarity``: each pixel's similarity to its target prototype (docs/spec.md §3.7).
 
 s_i = ⟨x̂_i, P̂_{t_i}⟩ for a valid flat target t_i = c·K + k, 0 for ignored pixels.
 It is what ``ppc_ppd_loss(..., lse=...)`` still needs once ``class_scores`` has
-given the log-sum-exp: ppc_i = lse_i − s_i/τ, ppd_i = (1 − s_i)² (SPEC §7's 3-GEMM
+given the log-sum-exp: ppc_i = lse_i − s_i/τ, ppd_i = (1 − s_i)² (docs/spec.md §7's 3-GEMM
 head). The work is a gathered dot product, N·D, so one portable PyTorch
 implementation serves every device; there are no backend kernels.
 

@@ -1,4 +1,4 @@
-"""``update_prototypes``: the momentum update of the prototypes (SPEC §3.5).
+"""``update_prototypes``: the momentum update of the prototypes (docs/spec.md §3.5).
 
 Pixel i contributes to prototype (labels_i, index_i) when its label is not
 ignored, index_i >= 0 and mask_i. With s_ck = Σ x̂_i and n_ck the count:

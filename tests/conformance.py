@@ -1,5 +1,5 @@
 """Backend conformance: run an op on a backend and on the float64 reference with
-the same inputs and compare by the rules of SPEC §5.
+the same inputs and compare by the rules of docs/spec.md §5.
 
 * fp32 (and fp64): relative error ≤ 1e-5.
 * fp16 / bf16: relative error ≤ 2 × (error of the same computation done by plain

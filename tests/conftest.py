@@ -3,7 +3,7 @@
 * Deterministic algorithms are switched on with uninitialised-memory filling, so
   every ``torch.empty`` (in Python, Triton launchers or C++ ``at::empty``) starts
   as NaN / INT_MAX: an element a kernel forgets to write shows up as a failure
-  (SPEC §5, "poison outputs").
+  (docs/spec.md §5, "poison outputs").
 * ``PROTOSEG_REQUIRE_BACKENDS=cpu,triton,...`` (set by ``make test``) turns the
   skip of an unavailable backend into a failure, so CI cannot go green on a
   kernel that was never run.

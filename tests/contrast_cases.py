@@ -1,5 +1,5 @@
 """Inputs of the pixel-contrast tests: clustered embeddings with the label patterns of
-SPEC §10.1 that matter (ignored anchors, empty bank slots, anchors without a positive)."""
+docs/spec.md §10.1 that matter (ignored anchors, empty bank slots, anchors without a positive)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Literal float64 pixel contrast (SPEC §10.1), written straight from the text: a loop over
+"""Literal float64 pixel contrast (docs/spec.md §10.1), written straight from the text: a loop over
 anchors, the positive and negative sets as Python lists, one log-sum-exp per positive.
 Slow on purpose and differentiable (its autograd gradients check the reference's
 hand-written backward)."""

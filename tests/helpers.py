@@ -1,4 +1,4 @@
-"""Input generation and comparison rules of SPEC §5 shared by the test files."""
+"""Input generation and comparison rules of docs/spec.md §5 shared by the test files."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import Tensor
 
 F64 = torch.float64
 
-# (N, D, C, K): ragged shapes of SPEC §5.
+# (N, D, C, K): ragged shapes of docs/spec.md §5.
 RAGGED_SHAPES = [(1031, 77, 19, 10), (257, 33, 7, 1), (301, 29, 1, 6), (0, 16, 5, 3)]
 SMALL_SHAPES = [(67, 13, 5, 4), (40, 9, 3, 1), (35, 11, 1, 5), (0, 8, 3, 2)]
 

@@ -1,4 +1,4 @@
-"""Literal float64 implementations of SPEC §3, written straight from the text with
+"""Literal float64 implementations of docs/spec.md §3, written straight from the text with
 plain loops over pixels and classes. Slow on purpose: they are the oracle for the
 reference backend, which in turn is the oracle for the fused backends."""
 
@@ -78,7 +78,7 @@ def ppc_ppd(s: Tensor, target: Tensor, temperature: float, ignore_index: int) ->
 def sinkhorn_matrix(
     s: Tensor, labels: Tensor, epsilon: float, iterations: int, ignore_index: int
 ) -> tuple[Tensor, Tensor]:
-    """The original matrix Sinkhorn-Knopp, one class at a time (SPEC §3.4)."""
+    """The original matrix Sinkhorn-Knopp, one class at a time (docs/spec.md §3.4)."""
     n, c, k = s.shape
     index = torch.full((n,), -1, dtype=torch.int64)
     q = torch.zeros(n, k, dtype=F64)

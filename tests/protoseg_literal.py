@@ -1,4 +1,4 @@
-"""The original ProtoSeg training step, written literally from SPEC §8 (the test
+"""The original ProtoSeg training step, written literally from docs/spec.md §8 (the test
 oracle of ``ProtoSegHead(compat="protoseg")``): full N×C×K similarity tensor, a
 Python loop over classes, the matrix Sinkhorn-Knopp, the Gumbel draw, the
 per-class momentum update and the losses as separate cross-entropies."""
@@ -24,7 +24,7 @@ class LiteralStep:
 
 
 def matrix_sinkhorn(similarity: Tensor, epsilon: float, iterations: int) -> Tensor:
-    """SPEC §3.4's matrix algorithm on one class's [n, K] similarities; returns Q [n, K]."""
+    """docs/spec.md §3.4's matrix algorithm on one class's [n, K] similarities; returns Q [n, K]."""
     e = torch.exp(similarity / epsilon).t()  # K x n
     rows, cols = e.shape
     e = e / e.sum()

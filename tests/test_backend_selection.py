@@ -1,4 +1,4 @@
-"""Backend selection (SPEC §4): auto, use_backend, $PROTOSEG_BACKEND, explicit
+"""Backend selection (docs/spec.md §4): auto, use_backend, $PROTOSEG_BACKEND, explicit
 backends that cannot serve, and import without the optional parts."""
 
 from __future__ import annotations
@@ -174,4 +174,4 @@ def test_env_report_runs():
     for key in ("torch", "triton", "backends:", "reference", "extension_build", "op × backend", "auto (cpu)"):
         assert key in out
     for op in OPS_BY_NAME:
-        assert f"  {op} (SPEC §" in out
+        assert f"  {op} (docs/spec.md §" in out

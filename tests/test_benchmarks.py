@@ -164,7 +164,7 @@ def _public_op_uses(path: Path) -> tuple[set[str], list[str]]:
 
 @pytest.mark.parametrize("path", ["benchmarks/head_step.py", "protoseg/head.py"])
 def test_fused_head_is_composed_from_public_ops_only(path):
-    """SPEC §7: the benchmark's fused step and ProtoSegHead use the public API only."""
+    """docs/spec.md §7: the benchmark's fused step and ProtoSegHead use the public API only."""
     used, imported = _public_op_uses(REPO_ROOT / path)
     assert {"class_scores", "sinkhorn_assign", "ppc_ppd_loss", "update_prototypes"} <= used
     assert used <= set(pk.__all__), f"non-public names: {used - set(pk.__all__)}"

@@ -1,5 +1,5 @@
-"""class_scores: reference vs the literal SPEC §3.2, gradients, determinism, and
-every fused backend vs the reference (SPEC §5)."""
+"""class_scores: reference vs the literal docs/spec.md §3.2, gradients, determinism, and
+every fused backend vs the reference (docs/spec.md §5)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The naive ContrastiveSeg baseline (benchmarks/contrast_baseline.py) computes the loss of
-SPEC §10.1, so the benchmark compares like with like: against the literal formulas here
+docs/spec.md §10.1, so the benchmark compares like with like: against the literal formulas here
 (small sizes), against the op's reference in tests/test_pixel_contrast_loss.py (large)."""
 
 from __future__ import annotations

@@ -151,7 +151,7 @@ def test_large_unnormalized_logits():
     # S up to ~±300 at temperatures 0.02 and 0.05: the exponents span thousands, far
     # beyond the float range, so every log-sum-exp must be shifted by its maximum. The
     # problem is ill-conditioned in float32 (the exponents carry an absolute error of
-    # |S|·1e-7/τ), so the bar is plain PyTorch's own float32 error (SPEC §5 rule).
+    # |S|·1e-7/τ), so the bar is plain PyTorch's own float32 error (docs/spec.md §5 rule).
     case = make_case(333, 21, 9, 5, seed=8)
     x, p = case.x * 4.0, case.prototypes
     kwargs = dict(normalize=False, reduction="logsumexp", temperature=0.02, lse_temperature=0.05)

@@ -2,7 +2,7 @@
 schema; the host emulation header (csrc/emulation) runs CUDA constructs correctly on
 its own; the emulated build never allocates N·C·K; with a GPU, the kernels match the
 reference (and triton) and are timed. The op test files compare ``cuda_emulated`` with
-the reference for every op (SPEC §5)."""
+the reference for every op (docs/spec.md §5)."""
 
 from __future__ import annotations
 
@@ -201,7 +201,7 @@ def test_gpu_cuda_matches_reference(shape, dtype):
     _check_every_op(_to_gpu(make_case(*shape, seed=40)), dtype, prototype_grad=shape[3] != 1)
 
 
-# SPEC §7 presets with N scaled by 1/4 (the reference materialises N·C·K in float64).
+# docs/spec.md §7 presets with N scaled by 1/4 (the reference materialises N·C·K in float64).
 PRESETS = {"cityscapes": (16_384, 720, 19, 10), "ade20k": (8_192, 720, 150, 10)}
 
 
@@ -254,7 +254,7 @@ def _head_step(x: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor) 
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gpu_head_step_cuda_triton_reference(dtype, record_property):
-    """A Cityscapes-sized head step (SPEC §7) per backend: cuda and triton agree with the
+    """A Cityscapes-sized head step (docs/spec.md §7) per backend: cuda and triton agree with the
     reference on the loss and dx, and their times are reported."""
     require_cuda_build()
     case = make_case(65_536, 720, 19, 10, dtype=dtype, seed=7)

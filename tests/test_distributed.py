@@ -1,4 +1,4 @@
-"""process_group semantics (SPEC §3.4, §3.5) with 2 gloo processes on CPU: with the
+"""process_group semantics (docs/spec.md §3.4, §3.5) with 2 gloo processes on CPU: with the
 group every rank gets the single-process result on the concatenated pixels; without
 it each rank gets its local result."""
 

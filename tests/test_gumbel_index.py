@@ -1,4 +1,4 @@
-"""gumbel_index: the original code's Gumbel draw (SPEC §3.6)."""
+"""gumbel_index: the original code's Gumbel draw (docs/spec.md §3.6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The op inventory (SPEC §4, §9): the op table (protoseg_kernels/_op_table.py), the kernel
+"""The op inventory (docs/spec.md §4, §9): the op table (protoseg_kernels/_op_table.py), the kernel
 contract (_kernel_interface.py), the C++ schemas (csrc/schemas.h) and what each backend
 declares agree; every op has a reference; every kernel a backend declares exists and runs.
 
@@ -69,7 +69,7 @@ def test_table_lists_each_kernel_of_the_contract_once():
     assert set(names) == set(_contract())
     assert len(OPS_BY_NAME) == len(OPS)
     for op in OPS:
-        assert op.kernels and op.spec.startswith("SPEC §"), op
+        assert op.kernels and op.spec.startswith("docs/spec.md §"), op
 
 
 def test_every_op_has_a_reference_implementation():

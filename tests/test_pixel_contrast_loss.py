@@ -1,4 +1,4 @@
-"""pixel_contrast_loss (SPEC §10.1): the reference against the literal formulas and the
+"""pixel_contrast_loss (docs/spec.md §10.1): the reference against the literal formulas and the
 naive dense baseline, both modes and both denominators, ignored and positive-less
 anchors, empty batches, gradients, registration, bad inputs, dtypes, determinism."""
 

@@ -1,4 +1,4 @@
-"""ppc_ppd_loss: reference vs literal SPEC §3.3, reductions, empty and all-ignored
+"""ppc_ppd_loss: reference vs literal docs/spec.md §3.3, reductions, empty and all-ignored
 batches, gradients, fused backends."""
 
 from __future__ import annotations

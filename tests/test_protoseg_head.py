@@ -1,4 +1,4 @@
-"""ProtoSegHead and PixelPrototypeCELoss against the literal original step (SPEC §8)."""
+"""ProtoSegHead and PixelPrototypeCELoss against the literal original step (docs/spec.md §8)."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def compare_step(head, features, labels, noise, generator):
     expected, expected_grads = run_literal(mirror, features, labels, noise)
     # A one-pixel class has an exactly uniform Sinkhorn q, so its target is a tie that
     # rounding decides; the fused backends match the reference only up to such ties
-    # (SPEC §5), and this comparison needs the literal tie-breaking: the reference.
+    # (docs/spec.md §5), and this comparison needs the literal tie-breaking: the reference.
     with pk.use_backend("reference"):
         out, terms, grads = run_head(head, features, labels, generator)
     assert_close(out.seg, expected.seg, "seg logits")

@@ -1,4 +1,4 @@
-"""prototype_similarity: reference vs literal SPEC §3.1, gradients, fused backends."""
+"""prototype_similarity: reference vs literal docs/spec.md §3.1, gradients, fused backends."""
 
 from __future__ import annotations
 

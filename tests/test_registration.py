@@ -1,5 +1,5 @@
 """torch.library registration: opcheck on every op (and backward op), and
-torch.compile(fullgraph=True) of a head step chaining the ops (SPEC §4)."""
+torch.compile(fullgraph=True) of a head step chaining the ops (docs/spec.md §4)."""
 
 from __future__ import annotations
 

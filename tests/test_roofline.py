@@ -51,7 +51,7 @@ def test_compulsory_le_kernel_le_naive(rows, element):
         if row.op in NCK_OPS:
             assert kernel <= naive, row.name
             assert any(shape == "N·C·K" for _, shape, _ in row.naive.values()), row.name
-        assert all(shape != "N·C·K" for _, shape, _ in row.kernel.values()), row.name  # SPEC §3: no N·C·K
+        assert all(shape != "N·C·K" for _, shape, _ in row.kernel.values()), row.name  # docs/spec.md §3: no N·C·K
 
 
 def test_flops_are_those_of_benchmarks_flops(rows):

@@ -1,4 +1,4 @@
-"""sinkhorn_assign: the β recurrence vs the literal matrix Sinkhorn of SPEC §3.4,
+"""sinkhorn_assign: the β recurrence vs the literal matrix Sinkhorn of docs/spec.md §3.4,
 options, fused backends."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""target_similarity and ppc_ppd_loss(..., lse=...): the 3-GEMM head of SPEC §3.3/§7.
+"""target_similarity and ppc_ppd_loss(..., lse=...): the 3-GEMM head of docs/spec.md §3.3/§7.
 
 The op against its float64 reference and autograd through a plain gather; the
 lse path of ppc_ppd_loss against the full ppc_ppd_loss and the literal formulas,

@@ -26,7 +26,7 @@ def _kernels():
     return kernels
 
 
-# ---- memory: nothing N×C×K, forward or backward (SPEC §3.2-3.4) --------------------
+# ---- memory: nothing N×C×K, forward or backward (docs/spec.md §3.2-3.4) --------------------
 
 # C·K = 128 ≫ D: an N·C·K fp32 buffer is 4× the largest legitimate one (the [N, C]
 # int64 index, the [C·K, D] fp32 prototype-gradient partial).
@@ -66,7 +66,7 @@ def test_allocation_probe_sees_the_reference_similarity_tensor():
     assert largest_allocation(_head_ops("reference", "class_scores_lse")) >= NCK_BYTES
 
 
-# ---- indices out of range are never used to address memory (SPEC §5) ---------------
+# ---- indices out of range are never used to address memory (docs/spec.md §5) ---------------
 
 def test_class_scores_backward_ignores_out_of_range_index():
     kernels = _kernels()
@@ -216,7 +216,8 @@ def test_serves_cpu_tensors_only_under_the_interpreter():
 
 def test_float64_is_refused_with_the_argument_named():
     x, p = torch.randn(5, 4, dtype=F64), torch.randn(2, 3, 4, dtype=F64)
-    with pk.use_backend("triton"), pytest.raises(TypeError, match=r"class_scores: x is float64, but the triton backend computes class_scores in fp16, bf16, fp32"):
+    expected = r"class_scores: x is float64, but the triton backend computes class_scores in fp16, bf16, fp32"
+    with pk.use_backend("triton"), pytest.raises(TypeError, match=expected):
         pk.class_scores(x, p)
 
 

@@ -1,5 +1,5 @@
 """The Triton similarity engine on columns [M, D] with labels, M not C·K: a test-side
-client (``triton_columns_client``) checked against plain PyTorch in float64 (SPEC §5)."""
+client (``triton_columns_client``) checked against plain PyTorch in float64 (docs/spec.md §5)."""
 
 from __future__ import annotations
 

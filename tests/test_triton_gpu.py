@@ -1,5 +1,5 @@
 """The compiled Triton kernels on a real GPU: every op against the float64 reference
-at the SPEC §7 preset shapes (by the SPEC §5 rules of ``conformance.py``), bitwise
+at the docs/spec.md §7 preset shapes (by the docs/spec.md §5 rules of ``conformance.py``), bitwise
 determinism, and no host synchronisation. Skipped without a CUDA GPU, and under the
 interpreter (which would take hours at these sizes)."""
 
@@ -37,7 +37,7 @@ def _gpu_reason() -> str | None:
 
 pytestmark = pytest.mark.skipif(_gpu_reason() is not None, reason=str(_gpu_reason()))
 
-# SPEC §7 presets (N per GPU, D, C, K); similarity also at a smaller N (its output is N·C·K).
+# docs/spec.md §7 presets (N per GPU, D, C, K); similarity also at a smaller N (its output is N·C·K).
 PRESETS = {"cityscapes": (65_536, 720, 19, 10), "ade20k": (32_768, 720, 150, 10),
            "coco_stuff": (32_768, 720, 171, 10)}
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]

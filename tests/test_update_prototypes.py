@@ -1,4 +1,4 @@
-"""update_prototypes: reference vs literal SPEC §3.5, options, fused backends."""
+"""update_prototypes: reference vs literal docs/spec.md §3.5, options, fused backends."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Bad inputs: every argument of every op gets a clear error naming it (SPEC §3, §5),
+"""Bad inputs: every argument of every op gets a clear error naming it (docs/spec.md §3, §5),
 and out-of-range values are either rejected or, with validate=False, ignored."""
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ log-sum-exp of each row over the columns of another label,
 forward through the row sweep, gradient through the dx / dW passes, with
 dS_ij = g_i·exp(S_ij/τ − lse_i)/τ on those columns (-inf and no gradient for a row
 without such columns). It touches none of the engine's code: what a memory-bank op
-(SPEC §10) needs. (A module of its own: Triton resolves a kernel's helpers through
+(docs/spec.md §10) needs. (A module of its own: Triton resolves a kernel's helpers through
 module globals.)
 """
 

@@ -103,7 +103,7 @@ PROTOSEG_INLINE RowStats<acc_t> row_logsumexp_argmax(const Row& z, int64_t n) {
   return {best + log(sum), best_k};
 }
 
-// One pixel's Sinkhorn step (SPEC §3.4): z_k = L_k + β_k; q_k = softmax_k(z).
+// One pixel's Sinkhorn step (docs/spec.md §3.4): z_k = L_k + β_k; q_k = softmax_k(z).
 // `visit(k, q_k)` receives each probability (to accumulate marginals or write q).
 // Returns the first argmax of z.
 template <typename acc_t, typename Logits, typename Beta, typename Visit>
@@ -115,7 +115,7 @@ PROTOSEG_INLINE int64_t sinkhorn_pixel_step(const Logits& logits, const Beta& be
   return stats.argmax;
 }
 
-// Momentum update of one prototype element (SPEC §3.5), before the final
+// Momentum update of one prototype element (docs/spec.md §3.5), before the final
 // renormalisation: γ·p̂ + (1 − γ)·ŝ, with ŝ = s·inverse_norm(‖s‖²).
 template <typename acc_t>
 PROTOSEG_INLINE acc_t momentum_blend(acc_t p_hat, acc_t s, acc_t inv_norm_s, acc_t momentum) {

@@ -1,4 +1,4 @@
-// class_scores (SPEC §3.2): per-class max (first argmax) or τ·log-sum-exp over the K
+// class_scores (docs/spec.md §3.2): per-class max (first argmax) or τ·log-sum-exp over the K
 // prototypes of each class, and optionally the log-sum-exp over all C·K prototypes at
 // temperature τ', all from one similarity GEMM per tile. Backward recomputes the tile,
 // forms dS in place and needs one more GEMM for dx (two more with dP).

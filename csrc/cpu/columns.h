@@ -1,7 +1,7 @@
 // The column side of the similarity engine (similarity_tiles.h): a set of M vectors of
 // length D, prepared once per call in the compute dtype, normalised or raw, with
 // optional int64 labels. Prototypes [C, K, D] are one client (M = C·K, grouped by
-// class); a labelled memory bank [M, D] (SPEC §10) is another.
+// class); a labelled memory bank [M, D] (docs/spec.md §10) is another.
 #pragma once
 
 #include <ATen/core/Tensor.h>

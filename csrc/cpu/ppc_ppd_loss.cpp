@@ -1,4 +1,4 @@
-// ppc_ppd_loss (SPEC §3.3), per pixel: ppc_i = lse_i − S_it/τ with lse_i the log-sum-exp
+// ppc_ppd_loss (docs/spec.md §3.3), per pixel: ppc_i = lse_i − S_it/τ with lse_i the log-sum-exp
 // of S_i/τ over all C·K prototypes, ppd_i = (1 − S_it)². One similarity GEMM per tile
 // forward; backward recomputes the tile and forms
 //   dS_ij = g_ppc_i·(softmax_j(S_i/τ) − [j = t_i])/τ − 2·g_ppd_i·(1 − S_it)·[j = t_i]

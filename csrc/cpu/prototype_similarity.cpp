@@ -1,4 +1,4 @@
-// prototype_similarity: S [N, C, K] = x̂·P̂ᵀ (SPEC §3.1), by tiles; backward from dS.
+// prototype_similarity: S [N, C, K] = x̂·P̂ᵀ (docs/spec.md §3.1), by tiles; backward from dS.
 #include "cpu/checks.h"
 #include "cpu/kernels.h"
 #include "cpu/similarity_tiles.h"

@@ -1,7 +1,7 @@
 // The CPU similarity engine: S = x̂·Ĉᵀ between rows x [N, D] and prepared columns
 // [M, D] (columns.h), consumed tile by tile so that nothing of size N·M is allocated.
 // Clients: prototype_similarity, class_scores, ppc_ppd_loss (columns = prototypes);
-// a labelled memory bank (SPEC §10) plugs in the same way.
+// a labelled memory bank (docs/spec.md §10) plugs in the same way.
 //
 // Forward sweep. Rows are cut into tiles of TilePlan::tile_rows; per row tile, the rows
 // of x are normalised into a small buffer, and the columns are swept in blocks of

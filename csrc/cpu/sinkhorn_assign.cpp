@@ -1,4 +1,4 @@
-// The stage kernels of sinkhorn_assign (SPEC §3.4); the β recurrence between them (and
+// The stage kernels of sinkhorn_assign (docs/spec.md §3.4); the β recurrence between them (and
 // the all-reduces of a process group) is orchestrated by protoseg_kernels/sinkhorn_assign.py.
 //
 // logits: L_i = S[i, segment_i, :]/ε, K dot products per pixel (N·K·D work, no GEMM

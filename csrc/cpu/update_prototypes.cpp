@@ -1,4 +1,4 @@
-// The kernels of update_prototypes (SPEC §3.5): segmented sums of the (normalised) pixels
+// The kernels of update_prototypes (docs/spec.md §3.5): segmented sums of the (normalised) pixels
 // of each prototype, and the momentum step.
 //
 // prototype_sums sorts the contributing pixels by prototype with a stable counting sort,

@@ -1,4 +1,4 @@
-// Inverse l2 norms 1 / max(‖v‖, eps) of the rows of a matrix (SPEC §2), computed once
+// Inverse l2 norms 1 / max(‖v‖, eps) of the rows of a matrix (docs/spec.md §2), computed once
 // per launch sequence and read by every tile that needs x̂ or P̂.
 #pragma once
 

@@ -1,10 +1,10 @@
 // The operands of the column engine (similarity_tile, similarity_sweep,
 // similarity_backward): rows x [N, D] (pixels, anchors) against a general column set
-// [M, D] with optional per-column int64 labels, S_ij = ⟨x̂_i, ĉ_j⟩ (SPEC §2).
+// [M, D] with optional per-column int64 labels, S_ij = ⟨x̂_i, ĉ_j⟩ (docs/spec.md §2).
 //
 // The engine knows nothing of what the columns are. Prototypes [C, K, D] are one client
 // (M = C·K, unlabelled: an op that needs the class grouping K takes it as a parameter of
-// its own and derives class j / K); a memory bank of M labelled vectors (SPEC §10) is
+// its own and derives class j / K); a memory bank of M labelled vectors (docs/spec.md §10) is
 // another (labels z_j, `ignore_index` for empty slots). Labels are handed to the op's
 // Visitor / gradient rule with each column and never interpreted by the engine.
 //

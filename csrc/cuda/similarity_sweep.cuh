@@ -1,6 +1,6 @@
 // The forward sweep of the column engine, for ops that reduce each row's M similarities
 // to a few values per row (class scores, PPC/PPD; a label-masked log-sum-exp over a
-// memory bank, SPEC §10): a block owns kTile rows and sweeps over all columns in tiles
+// memory bank, docs/spec.md §10): a block owns kTile rows and sweeps over all columns in tiles
 // of kTile, like the key loop of FlashAttention. Each similarity tile goes through
 // shared memory to one thread per row, which feeds the tile's columns in column order
 // to a per-row Visitor kept in registers across tiles. Nothing of size N·M exists.
@@ -19,7 +19,7 @@
 // The visit order is fixed, so a visitor's online reductions are bitwise reproducible.
 // An op with a class grouping (prototypes: K per class) keeps it in its Params; a
 // label-driven op reads its row's label in the constructor and compares it with
-// column.label in visit. Two-pass statistics (e.g. the positives' terms of SPEC §10,
+// column.label in visit. Two-pass statistics (e.g. the positives' terms of docs/spec.md §10,
 // which need the negatives' sum first) are two sweeps with two visitors.
 #pragma once
 

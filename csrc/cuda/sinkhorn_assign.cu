@@ -1,4 +1,4 @@
-// The stage kernels of sinkhorn_assign's β recurrence (SPEC §3.4), orchestrated by
+// The stage kernels of sinkhorn_assign's β recurrence (docs/spec.md §3.4), orchestrated by
 // protoseg_kernels/sinkhorn_assign.py:
 //   logits     L_i = S[i, c_i, :]/ε, each pixel against its own class's K prototypes
 //   class lse  per class and prototype: max_i L_ik and Σ_i exp(L_ik − max)

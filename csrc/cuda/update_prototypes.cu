@@ -1,4 +1,4 @@
-// The stage kernels of update_prototypes (SPEC §3.5), orchestrated by
+// The stage kernels of update_prototypes (docs/spec.md §3.5), orchestrated by
 // protoseg_kernels/update_prototypes.py:
 //   prototype_sums   s_j = Σ_{i: key_i = j} x̂_i and n_j, a deterministic segmented sum
 //                    (pixels sorted by prototype, runs folded in a fixed order)

@@ -1,5 +1,5 @@
 // Host emulation of the subset of CUDA the kernels of csrc/cuda use, so the host C++
-// compiler builds the very same kernel sources and the tests run them on CPU (SPEC §6).
+// compiler builds the very same kernel sources and the tests run them on CPU (docs/spec.md §6).
 //
 // Execution model:
 // * A launch runs its blocks one after another; the threads of a block are OS threads

@@ -1,6 +1,6 @@
 """The ``cuda_emulated`` backend (tests only): the CUDA kernel sources of
 ``csrc/cuda`` compiled by the host C++ compiler with the emulation header of
-``csrc/emulation`` and run on CPU tensors (SPEC §6). Slow by design."""
+``csrc/emulation`` and run on CPU tensors (docs/spec.md §6). Slow by design."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ NORM_EPS = 1e-12
 
 
 def compute_dtype(t: Tensor) -> torch.dtype:
-    """float64 for float64 inputs, float32 for everything else (SPEC §3)."""
+    """float64 for float64 inputs, float32 for everything else (docs/spec.md §3)."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 

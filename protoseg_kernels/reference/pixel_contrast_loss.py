@@ -1,4 +1,4 @@
-"""Reference kernels of ``pixel_contrast_loss`` (SPEC §10.1): per-anchor losses and the
+"""Reference kernels of ``pixel_contrast_loss`` (docs/spec.md §10.1): per-anchor losses and the
 per-anchor statistics backward needs; the reduction is done by the op.
 
 It builds the A×M logits and masks (it is the oracle, not the fast path) and stays in the

@@ -1,4 +1,4 @@
-"""Reference kernels of the Sinkhorn β recurrence (SPEC §3.4).
+"""Reference kernels of the Sinkhorn β recurrence (docs/spec.md §3.4).
 
 Segmented reductions over the pixels of each class are one-hot matmuls
 ([N, C]ᵀ·[N, K]), which are deterministic on every device.

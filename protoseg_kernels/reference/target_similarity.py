@@ -1,4 +1,4 @@
-"""Reference of ``target_similarity`` (the oracle of its tests; SPEC §3.3 ``lse=``).
+"""Reference of ``target_similarity`` (the oracle of its tests; docs/spec.md §3.7).
 
 s_i = ⟨x̂_i, P̂_{t_i}⟩ for a valid target, 0 where t_i = -1. Gathers the target
 rows in one piece and lets autograd differentiate: readable, N×D memory.

@@ -1,4 +1,4 @@
-"""The ``triton`` backend: fused Triton kernels for CUDA tensors (SPEC §4).
+"""The ``triton`` backend: fused Triton kernels for CUDA tensors (docs/spec.md §4).
 
 One module ``<op>.py`` per op it implements defines that op's kernels of the contract in
 :mod:`protoseg_kernels._kernel_interface` (the op table, :mod:`protoseg_kernels._op_table`,

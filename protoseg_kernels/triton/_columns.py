@@ -1,8 +1,8 @@
 """The operands of the similarity engine, as the kernels receive them.
 
 Every similarity kernel works on S = x̂·Ŵᵀ between rows x [N, D] and columns W [M, D]
-(notation of SPEC §2): prototypes [C, K, D] are the columns M = C·K grouped by class (group
-size K), a memory bank is M labelled vectors (group size 1, SPEC §10). Each side
+(notation of docs/spec.md §2): prototypes [C, K, D] are the columns M = C·K grouped by class (group
+size K), a memory bank is M labelled vectors (group size 1, docs/spec.md §10). Each side
 reaches a kernel as one tuple argument (a ``NamedTuple``, whose fields the kernels
 read by name: ``cols.ptr``, ``cols.group``); an absent optional field is ``None``,
 which Triton compiles away.

@@ -1,7 +1,7 @@
 """Block sizes of the Triton kernels, chosen per problem shape on the host.
 
 On a GPU the tiles are sized for A100/H100 (checked for register spills by
-``benchmarks/kernel_report.py`` at the SPEC §7 presets). Under the interpreter the
+``benchmarks/kernel_report.py`` at the docs/spec.md §7 presets). Under the interpreter the
 GEMM blocks are the smallest legal ones, so that the small test shapes still cross
 several pixel, prototype and embedding blocks and every loop runs more than once;
 row-wise kernels use moderate blocks there (the interpreter's cost is per program

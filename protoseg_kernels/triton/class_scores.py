@@ -1,4 +1,4 @@
-"""Triton kernels of ``class_scores`` (SPEC §3.2).
+"""Triton kernels of ``class_scores`` (docs/spec.md §3.2).
 
 Forward, one program per block of pixels: for each block of classes, the tiles
 [pixels × (slots × classes)] of S are computed with ``tl.dot`` one slot block at a

@@ -1,4 +1,4 @@
-"""Triton kernels of ``ppc_ppd_loss`` (SPEC §3.3).
+"""Triton kernels of ``ppc_ppd_loss`` (docs/spec.md §3.3).
 
 Forward, a client of the engine's row sweep (``_sweep``) over flat tiles of
 prototypes: an online log-sum-exp of S/τ, and the target similarity S_it picked

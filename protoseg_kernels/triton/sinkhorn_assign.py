@@ -1,4 +1,4 @@
-"""Triton kernels of the Sinkhorn β recurrence (SPEC §3.4), orchestrated by
+"""Triton kernels of the Sinkhorn β recurrence (docs/spec.md §3.4), orchestrated by
 ``protoseg_kernels.sinkhorn_assign.run_sinkhorn``.
 
 * logits: L_i = S[i, class_i, :]/ε, each pixel against its own class's K

@@ -1,4 +1,4 @@
-"""Triton kernels of ``update_prototypes`` (SPEC §3.5).
+"""Triton kernels of ``update_prototypes`` (docs/spec.md §3.5).
 
 Segmented sums without atomics: the pixels are stably sorted by key (flat
 prototype c·K + k, -1 first), each prototype's pixels are then one contiguous run
