@@ -32,3 +32,15 @@ def keep_ungiven_grads_none(ctx: object) -> None:
     """Ask autograd to pass ``None`` (not zeros) for outputs that got no gradient,
     so a backward kernel can skip the work for them."""
     ctx.set_materialize_grads(False)  # type: ignore[attr-defined]
+
+
+def reduce_loss(per_item: Tensor, counted: Tensor, reduction: str) -> Tensor:
+    """A per-item loss reduced as every loss op of the library does: ``"none"`` as is,
+    ``"sum"``, or ``"mean"`` over the items where ``counted`` (bool) holds, which is 0 with
+    zero gradient when none does (the original codes give NaN there)."""
+    if reduction == "none":
+        return per_item
+    total = per_item.sum()
+    if reduction == "sum":
+        return total
+    return total / counted.sum().clamp_min(1).to(total.dtype)

@@ -56,7 +56,7 @@ from ._checks import (
     check_positive_finite,
     sanitize_class_ids,
 )
-from ._op_utils import compute_dtype, keep_ungiven_grads_none, or_empty
+from ._op_utils import compute_dtype, keep_ungiven_grads_none, or_empty, reduce_loss
 
 OP = "pixel_contrast_loss"
 DENOMINATORS = ("contrastiveseg", "supcon")
@@ -184,16 +184,6 @@ def _check_inputs(
     return anchors, anchor_labels, contrast, contrast_labels
 
 
-def _reduce(per_anchor: Tensor, positives: Tensor, reduction: str) -> Tensor:
-    if reduction == "none":
-        return per_anchor
-    total = per_anchor.sum()
-    if reduction == "sum":
-        return total
-    # Mean over anchors with at least one positive; 0 with zero gradient when none has.
-    return total / (positives > 0).sum().clamp_min(1).to(total.dtype)
-
-
 def pixel_contrast_loss(
     anchors: Tensor,
     anchor_labels: Tensor,
@@ -249,4 +239,4 @@ def pixel_contrast_loss(
         anchors, anchor_labels, contrast, contrast_labels, normalize, temperature, base_temperature,
         denominator == "supcon", ignore_index, validate, backend,
     )
-    return _reduce(loss, positives, reduction)
+    return reduce_loss(loss, positives > 0, reduction)

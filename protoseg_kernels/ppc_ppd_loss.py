@@ -41,6 +41,7 @@ from ._op_utils import (
     keep_ungiven_grads_none,
     or_empty,
     prototype_grad_or_none,
+    reduce_loss,
 )
 from .target_similarity import _target_similarity_op
 
@@ -112,16 +113,6 @@ def _backward(ctx, grad_ppc, grad_ppd, grad_lse):
 
 
 _ppc_ppd_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _reduce(per_pixel: Tensor, valid: Tensor, reduction: str) -> Tensor:
-    if reduction == "none":
-        return per_pixel
-    total = per_pixel.sum()
-    if reduction == "sum":
-        return total
-    # Mean over valid pixels; 0 with zero gradient when there is none.
-    return total / valid.sum().clamp_min(1).to(total.dtype)
 
 
 def _check_lse(lse: object, x: Tensor) -> Tensor:
@@ -205,9 +196,9 @@ def ppc_ppd_loss(
             x, prototypes, target, _check_lse(lse, x), normalize, temperature, ignore_index,
             validate, valid,
         )
-        return PpcPpdLoss(_reduce(ppc, valid, reduction), _reduce(ppd, valid, reduction))
+        return PpcPpdLoss(reduce_loss(ppc, valid, reduction), reduce_loss(ppd, valid, reduction))
     ppc, ppd, _ = _ppc_ppd_op(
         x, prototypes, target, normalize, temperature, ignore_index, validate,
         resolve_backend(OP, x.device, x.dtype),
     )
-    return PpcPpdLoss(_reduce(ppc, valid, reduction), _reduce(ppd, valid, reduction))
+    return PpcPpdLoss(reduce_loss(ppc, valid, reduction), reduce_loss(ppd, valid, reduction))
