@@ -33,7 +33,7 @@ test: install kernel-report
 kernel-report: install
 	$(PY) -m benchmarks.kernel_report
 
-# The benchmark suite (README "Benchmarks"): prints the table and writes JSON, CSV,
+# The benchmark suite (docs/benchmarks.md): prints the table and writes JSON, CSV,
 # markdown and plots to benchmarks/results/<device>/. BENCH_ARGS="--suite full", ...
 BENCH_ARGS ?=
 bench: install

@@ -1,4 +1,4 @@
-"""The ProtoSeg head step on the fused ops (the "one-pass training head" of the README).
+"""The ProtoSeg head step on the fused ops (the README's "The ProtoSeg training step").
 
 * ``class_scores(..., lse_temperature=τ)`` gives the class scores and, from the
   same pass over the prototypes, lse_i = log Σ_j exp(S_ij/τ) over all C·K.

@@ -1,6 +1,6 @@
 """Derived columns, the terminal/markdown tables, the docs/spec.md §7 target check, and files.
 
-Columns (README "Benchmarks" explains them for users):
+Columns (docs/benchmarks.md explains them for users):
 median / p20 / p80 ms, GFLOP/s (useful FLOPs / median), × floor (median / GEMM
 floor), speed-up (baseline median / median), peak extra memory (allocator; RSS
 growth on CPU), memory vs baseline (peak / baseline peak), host syncs per step.
