@@ -68,17 +68,19 @@ def check_features_and_prototypes(
 
 
 def check_index_tensor(
-    op: str, name: str, value: object, length: int, device: torch.device
+    op: str, name: str, value: object, length: int, device: torch.device, *,
+    layout: str = "[N]", owner: str = "x",
 ) -> torch.Tensor:
-    """A 1-D integer tensor of ``length`` elements on ``device``, returned as int64
-    (so comparisons with ``ignore_index`` cannot wrap around in a narrow dtype)."""
+    """A 1-D integer tensor of ``length`` elements (``layout``, e.g. "[N]", is quoted in
+    errors) on ``device``, the device of argument ``owner``, returned as int64 (so
+    comparisons with ``ignore_index`` cannot wrap around in a narrow dtype)."""
     t = check_tensor(op, name, value)
     if t.dtype not in INDEX_DTYPES:
         raise TypeError(f"{op}: {name} must be an integer tensor, got dtype {t.dtype}")
     if t.dim() != 1 or t.shape[0] != length:
-        raise ValueError(f"{op}: {name} must have shape [N] = ({length},), got shape {_shape(t)}")
+        raise ValueError(f"{op}: {name} must have shape {layout} = ({length},), got shape {_shape(t)}")
     if t.device != device:
-        raise ValueError(f"{op}: {name} must be on the same device as x ({device}), got {t.device}")
+        raise ValueError(f"{op}: {name} must be on the same device as {owner} ({device}), got {t.device}")
     return t.long()
 
 
@@ -162,21 +164,6 @@ def check_index_range(
             f"{op}: {name} must hold {meaning} in [0, {upper}) or ignore_index={ignore_index}, "
             f"found {first} (pass validate=False to treat out-of-range values as ignored)"
         )
-
-
-def check_label_tensor(
-    op: str, name: str, value: object, layout: str, length: int, device: torch.device, owner: str
-) -> torch.Tensor:
-    """A 1-D integer tensor of ``length`` elements (``layout``, e.g. "[A]", is quoted in
-    errors) on ``device``, the device of argument ``owner``; returned as int64."""
-    t = check_tensor(op, name, value)
-    if t.dtype not in INDEX_DTYPES:
-        raise TypeError(f"{op}: {name} must be an integer tensor, got dtype {t.dtype}")
-    if t.dim() != 1 or t.shape[0] != length:
-        raise ValueError(f"{op}: {name} must have shape {layout} = ({length},), got shape {_shape(t)}")
-    if t.device != device:
-        raise ValueError(f"{op}: {name} must be on the same device as {owner} ({device}), got {t.device}")
-    return t.long()
 
 
 def check_class_ids(op: str, name: str, labels: torch.Tensor, ignore_index: int) -> None:

@@ -51,8 +51,8 @@ from ._checks import (
     check_choice,
     check_class_ids,
     check_float_tensor,
+    check_index_tensor,
     check_int,
-    check_label_tensor,
     check_positive_finite,
     sanitize_class_ids,
 )
@@ -160,8 +160,8 @@ def _check_inputs(
     if anchors.shape[1] == 0:
         raise ValueError(f"{OP}: anchors must have at least one feature column (D > 0), "
                          f"got shape {tuple(anchors.shape)}")
-    anchor_labels = check_label_tensor(
-        OP, "anchor_labels", anchor_labels, "[A]", anchors.shape[0], anchors.device, "anchors"
+    anchor_labels = check_index_tensor(
+        OP, "anchor_labels", anchor_labels, anchors.shape[0], anchors.device, layout="[A]", owner="anchors"
     )
     if contrast is None:
         if contrast_labels is not None:
@@ -178,8 +178,8 @@ def _check_inputs(
                          f"in its last dimension, got shape {tuple(contrast.shape)}")
     if contrast_labels is None:
         raise ValueError(f"{OP}: contrast_labels must be given with contrast (shape [M] = ({contrast.shape[0]},))")
-    contrast_labels = check_label_tensor(
-        OP, "contrast_labels", contrast_labels, "[M]", contrast.shape[0], anchors.device, "anchors"
+    contrast_labels = check_index_tensor(
+        OP, "contrast_labels", contrast_labels, contrast.shape[0], anchors.device, layout="[M]", owner="anchors"
     )
     return anchors, anchor_labels, contrast, contrast_labels
 
