@@ -275,3 +275,74 @@ def check_update_prototypes(
         # Plain PyTorch at this dtype rounds the result to the dtype at least.
         tol = _tolerance(dtype, relative_error(ref.prototypes.to(dtype), ref.prototypes))
     assert_close(out.prototypes, ref.prototypes, tol, "prototypes")
+
+
+# ---- pixel_contrast_loss ---------------------------------------------------------
+
+def plain_pixel_contrast(
+    anchors: Tensor, anchor_labels: Tensor, contrast: Tensor | None, contrast_labels: Tensor | None,
+    normalize: bool, temperature: float, base_temperature: float, supcon: bool,
+) -> Tensor:
+    """Per-anchor loss by plain PyTorch at the inputs' dtype (dense logits and masks)."""
+    in_batch = contrast is None
+    c, z = (anchors, anchor_labels) if in_batch else (contrast, contrast_labels)
+    a, c = _normalized(anchors, normalize), _normalized(c, normalize)
+    logits = a @ c.T / temperature
+    taking_part = (anchor_labels >= 0).unsqueeze(1) & (z >= 0).unsqueeze(0)
+    if in_batch:
+        taking_part &= ~torch.eye(len(anchor_labels), dtype=torch.bool, device=a.device)
+    same = anchor_labels.unsqueeze(1) == z.unsqueeze(0)
+    positive, negative = taking_part & same, taking_part & ~same
+    shifted = logits - logits.max(1, keepdim=True).values.detach()
+    e = torch.exp(shifted)
+    if supcon:
+        log_prob = shifted - torch.log((e * (positive | negative)).sum(1, keepdim=True))
+    else:
+        log_prob = shifted - torch.log(e + (e * negative).sum(1, keepdim=True))
+    count = positive.sum(1)
+    mean = torch.where(positive, log_prob, 0).sum(1) / count.clamp_min(1)
+    return torch.where(count > 0, -(temperature / base_temperature) * mean, 0)
+
+
+def check_pixel_contrast_loss(
+    backend: str, case, dtype: torch.dtype, *, denominator: str = "contrastiveseg",
+    normalize: bool = True, temperature: float = 0.1, base_temperature: float = 0.07,
+    contrast_grad: bool = True,
+) -> None:
+    """``case`` is a tests/contrast_cases.py ContrastCase; compares the per-anchor loss, d
+    anchors and (bank with ``contrast_grad``) d contrast with the float64 reference."""
+    kw = dict(normalize=normalize, temperature=temperature, base_temperature=base_temperature,
+              denominator=denominator)
+    weight = _upstream((case.anchors.shape[0],), 8, case.anchors.device)
+    bank = case.contrast is not None
+
+    def leaves(dt: torch.dtype) -> list[Tensor]:
+        out = [_leaf(case.anchors.to(dtype), dt)]
+        if bank:
+            out.append(_leaf(case.contrast.to(dtype), dt, contrast_grad))
+        return out
+
+    def named(loss: Tensor, inputs: list[Tensor]) -> dict[str, Tensor]:
+        grads = _grads([loss], [weight], inputs if contrast_grad else inputs[:1])
+        return {"loss": loss, **dict(zip(("d anchors", "d contrast"), grads))}
+
+    def run(name: str, dt: torch.dtype) -> dict[str, Tensor]:
+        inputs = leaves(dt)
+        with pk.use_backend(name):
+            loss = pk.pixel_contrast_loss(inputs[0], case.anchor_labels, inputs[1] if bank else None,
+                                          case.contrast_labels, **kw, reduction="none")
+        return named(loss, inputs)
+
+    refs = run("reference", F64)
+    outs = run(backend, dtype)
+    plains = None
+    if dtype in (torch.float16, torch.bfloat16):
+        inputs = leaves(dtype)
+        loss = plain_pixel_contrast(inputs[0], case.anchor_labels, inputs[1] if bank else None,
+                                    case.contrast_labels, normalize, temperature, base_temperature,
+                                    denominator == "supcon")
+        plains = named(loss, inputs)
+    expected = torch.float64 if dtype == torch.float64 else torch.float32
+    assert outs["loss"].dtype == expected, f"loss dtype {outs['loss'].dtype}"
+    assert outs["d anchors"].dtype == dtype
+    _compare_all(dtype, outs, refs, plains)

@@ -8,6 +8,8 @@ import math
 
 import pytest
 import torch
+from conformance import check_pixel_contrast_loss
+from conftest import FUSED_CPU_BACKENDS, require_backend
 from contrast_cases import DENOMINATORS, MODES, ContrastCase, make_contrast_case
 from contrast_literal import pixel_contrast as literal_pixel_contrast
 from helpers import F64, assert_bitwise_equal, assert_close, largest_allocation, relative_error
@@ -15,7 +17,7 @@ from torch import Tensor
 
 import protoseg_kernels as pk
 from benchmarks.contrast_baseline import contrastive_loss
-from protoseg_kernels._backend import available_backends, get_backend
+from protoseg_kernels._backend import available_backends, get_backend, op_dtype_reason
 
 
 def _literal(case: ContrastCase, **kw) -> tuple[Tensor, list[int]]:
@@ -23,6 +25,26 @@ def _literal(case: ContrastCase, **kw) -> tuple[Tensor, list[int]]:
 
 
 KW = dict(temperature=0.1, base_temperature=0.07)
+
+
+@pytest.fixture(params=("reference", *FUSED_CPU_BACKENDS))
+def contrast_backend(request):
+    """Every backend that implements the op and runs on CPU tensors here, selected."""
+    require_backend(request.param, "pixel_contrast_loss")
+    with pk.use_backend(request.param):
+        yield request.param
+
+
+def _exact_dtype(backend: str) -> tuple[torch.dtype, float]:
+    """(float64, 1e-10) where the backend computes in float64, else (float32, 1e-5)."""
+    if op_dtype_reason(backend, "pixel_contrast_loss", F64) is None:
+        return F64, 1e-10
+    return torch.float32, 1e-5
+
+
+def _cast(case: ContrastCase, dtype: torch.dtype) -> ContrastCase:
+    return ContrastCase(case.anchors.to(dtype), case.anchor_labels,
+                        None if case.contrast is None else case.contrast.to(dtype), case.contrast_labels)
 
 
 # ---- values ------------------------------------------------------------------------
@@ -107,33 +129,36 @@ def test_ragged_large_reference_matches_dense_baseline(mode, denominator, refere
 
 
 @pytest.mark.parametrize("denominator", DENOMINATORS)
-def test_single_anchor_and_single_column(denominator, reference_backend):
+def test_single_anchor_and_single_column(denominator, contrast_backend):
+    dtype, tol = _exact_dtype(contrast_backend)
     g = torch.Generator().manual_seed(7)
-    one = torch.randn(1, 6, generator=g, dtype=F64)
+    one = torch.randn(1, 6, generator=g, dtype=F64).to(dtype)
     kw = dict(denominator=denominator, **KW)
     # A = 1 in-batch: nothing to contrast with.
     assert float(pk.pixel_contrast_loss(one, torch.tensor([2]), **kw)) == 0
     # M = 1, a positive and no negative: log(e^ℓ) − ℓ = 0 for both denominators.
-    loss = pk.pixel_contrast_loss(one, torch.tensor([2]), torch.randn(1, 6, generator=g, dtype=F64),
+    loss = pk.pixel_contrast_loss(one, torch.tensor([2]), torch.randn(1, 6, generator=g, dtype=F64).to(dtype),
                                   torch.tensor([2]), **kw, reduction="none")
-    assert loss.shape == (1,) and abs(float(loss)) < 1e-12
+    assert loss.shape == (1,) and abs(float(loss)) < tol
     # A = 1 against a bank, and M = 1 against several anchors.
     for a, m in ((1, 29), (13, 1)):
         case = ContrastCase(torch.randn(a, 6, generator=g, dtype=F64), torch.randint(0, 2, (a,), generator=g),
                             torch.randn(m, 6, generator=g, dtype=F64), torch.zeros(m, dtype=torch.int64))
         expected, _ = _literal(case, **kw)
-        assert_close(pk.pixel_contrast_loss(*case.args(), **kw, reduction="none"), expected, 1e-10)
+        got = pk.pixel_contrast_loss(*_cast(case, dtype).args(), **kw, reduction="none")
+        assert_close(got, expected, tol)
 
 
-def test_custom_ignore_index_and_validate_false(reference_backend):
-    case = make_contrast_case(40, 50, 7, 4, "bank", seed=8)
+def test_custom_ignore_index_and_validate_false(contrast_backend):
+    dtype, tol = _exact_dtype(contrast_backend)
+    case = _cast(make_contrast_case(40, 50, 7, 4, "bank", seed=8), dtype)
     labels, bank_labels = case.anchor_labels.clone(), case.contrast_labels.clone()
     labels[labels == -1] = 3  # 3 marks ignored entries, though it looks like a class
     bank_labels[bank_labels == -1] = 3
     kw = dict(ignore_index=3, reduction="none", **KW)
     got = pk.pixel_contrast_loss(case.anchors, labels, case.contrast, bank_labels, **kw)
     expected, _ = literal_pixel_contrast(case.anchors, labels, case.contrast, bank_labels, ignore_index=3, **KW)
-    assert_close(got, expected, 1e-10)
+    assert_close(got, expected, tol)
     assert bool((got[labels == 3] == 0).all())
     # validate=False: a negative label other than ignore_index takes no part, like ignore_index.
     odd = labels.clone()
@@ -145,7 +170,7 @@ def test_custom_ignore_index_and_validate_false(reference_backend):
     assert torch.equal(a, b)
 
 
-def test_small_temperature_stays_finite(reference_backend):
+def test_small_temperature_stays_finite(contrast_backend):
     """τ = 1e-3: logits up to ±1000, where e^ℓ overflows even float64."""
     for mode in MODES:
         case = make_contrast_case(30, 40, 8, 3, mode, seed=9, dtype=torch.float32)
@@ -160,7 +185,7 @@ def test_small_temperature_stays_finite(reference_backend):
             assert_close(loss, expected, 1e-5)
 
 
-def test_nan_in_gives_nan_out(reference_backend):
+def test_nan_in_gives_nan_out(contrast_backend):
     for mode in MODES:
         case = make_contrast_case(20, 30, 5, 3, mode, seed=10, dtype=torch.float32)
         anchors = case.anchors.clone()
@@ -190,7 +215,7 @@ def _empty_cases():
 @pytest.mark.parametrize("name", list(_empty_cases()))
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("denominator", DENOMINATORS)
-def test_no_positive_anywhere_gives_zero_loss_and_zero_gradient(name, reduction, denominator, reference_backend):
+def test_no_positive_anywhere_gives_zero_loss_and_zero_gradient(name, reduction, denominator, contrast_backend):
     x, labels, bank, bank_labels = _empty_cases()[name]
     x = x.clone().requires_grad_()
     bank = None if bank is None else bank.clone().requires_grad_()
@@ -202,8 +227,8 @@ def test_no_positive_anywhere_gives_zero_loss_and_zero_gradient(name, reduction,
     assert bank is None or bool((bank.grad == 0).all())
 
 
-def test_constant_bank_gets_no_gradient(reference_backend):
-    case = make_contrast_case(20, 30, 5, 3, "bank", seed=12)
+def test_constant_bank_gets_no_gradient(contrast_backend):
+    case = make_contrast_case(20, 30, 5, 3, "bank", seed=12, dtype=torch.float32)
     anchors = case.anchors.clone().requires_grad_()
     pk.pixel_contrast_loss(anchors, case.anchor_labels, case.contrast, case.contrast_labels).backward()
     assert case.contrast.grad is None and float(anchors.grad.norm()) > 0
@@ -214,7 +239,9 @@ def test_constant_bank_gets_no_gradient(reference_backend):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("denominator", DENOMINATORS)
 @pytest.mark.parametrize("normalize", [True, False])
-def test_gradcheck(mode, denominator, normalize, reference_backend):
+def test_gradcheck(mode, denominator, normalize, contrast_backend):
+    if _exact_dtype(contrast_backend)[0] != F64:
+        pytest.skip(f"the {contrast_backend} backend does not compute in float64")
     case = make_contrast_case(11, 13, 4, 3, mode, seed=13)
     kw = dict(temperature=0.5, base_temperature=0.07, normalize=normalize, denominator=denominator,
               reduction="none")
@@ -235,9 +262,9 @@ def _op_args(mode: str, supcon: bool, backend: str = "reference") -> tuple:
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("supcon", [False, True])
-def test_opcheck(mode, supcon):
+def test_opcheck(mode, supcon, contrast_backend):
     ops = torch.ops.protoseg
-    args = _op_args(mode, supcon)
+    args = _op_args(mode, supcon, contrast_backend)
     anchors = args[0].clone().requires_grad_()
     contrast = None if args[2] is None else args[2].clone().requires_grad_()
     torch.library.opcheck(ops.pixel_contrast_loss.default, (anchors, args[1], contrast, *args[3:]))
@@ -247,7 +274,7 @@ def test_opcheck(mode, supcon):
         torch.library.opcheck(
             ops.pixel_contrast_loss_backward.default,
             (grad, *args[:4], positives, log_norm, log_b, True, 0.1, 0.07, supcon, -1, need_contrast_grad,
-             "reference"),
+             contrast_backend),
         )
 
 
@@ -258,7 +285,7 @@ def contrast_step(anchors, labels, bank, bank_labels):
     return in_batch + against_bank
 
 
-def test_torch_compile_fullgraph():
+def test_torch_compile_fullgraph(contrast_backend):
     case = make_contrast_case(50, 70, 8, 4, "bank", seed=15, dtype=torch.float32)
     compiled = torch.compile(contrast_step, fullgraph=True)
     results = []
@@ -270,6 +297,59 @@ def test_torch_compile_fullgraph():
         results.append((loss, anchors.grad, bank.grad))
     for name, got, want in zip(("loss", "d anchors", "d bank"), *results):
         assert_close(got, want, 1e-6, name)
+
+
+# ---- fused backends against the float64 reference -----------------------------------
+
+def _fused_contrast_shapes(backend: str) -> list[tuple[int, int, int, int]]:
+    """(A, M, D, classes): ragged, with several row and column tiles on every backend; the
+    interpreted and emulated backends get smaller ones."""
+    if backend in ("triton", "cuda_emulated"):
+        return [(67, 91, 13, 5), (45, 130, 40, 3), (1, 17, 5, 2)]
+    return [(1031, 4099, 77, 19), (257, 129, 33, 7), (1, 300, 9, 3)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("denominator", DENOMINATORS)
+def test_fused_backend_matches_reference(fused_backend, dtype, mode, denominator):
+    for i, (a, m, d, classes) in enumerate(_fused_contrast_shapes(fused_backend)):
+        case = make_contrast_case(a, m, d, classes, mode, seed=40 + i, dtype=torch.float32)
+        check_pixel_contrast_loss(fused_backend, case, dtype, denominator=denominator, contrast_grad=i % 2 == 0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("denominator", DENOMINATORS)
+def test_fused_backend_unnormalized(fused_backend, mode, denominator):
+    a, m, d, classes = _fused_contrast_shapes(fused_backend)[1]
+    case = make_contrast_case(a, m, d, classes, mode, seed=50, dtype=torch.float32)
+    case.anchors, case.contrast = case.anchors / 4, None if case.contrast is None else case.contrast / 4
+    check_pixel_contrast_loss(fused_backend, case, torch.float32, denominator=denominator, normalize=False,
+                              temperature=2.0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fused_backend_allocates_nothing_of_size_a_by_m(fused_backend, mode):
+    """The probe that sees the reference's A×M logits (test below) sees nothing of A·M
+    elements here, forward or backward, with a bank gradient too."""
+    small = fused_backend != "cpu"
+    a, m = ((40, 300) if small else (64, 1000)) if mode == "bank" else ((300, 0) if small else (600, 0))
+    case = make_contrast_case(a, m, 16, 5, mode, seed=22, dtype=torch.float32)
+    anchors = case.anchors.clone().requires_grad_()
+    bank = None if case.contrast is None else case.contrast.clone().requires_grad_()
+    columns = a if bank is None else m
+    for denominator in DENOMINATORS:
+        loss = None
+
+        def forward(denominator=denominator):
+            nonlocal loss
+            loss = pk.pixel_contrast_loss(anchors, case.anchor_labels, bank, case.contrast_labels,
+                                          denominator=denominator)
+
+        with pk.use_backend(fused_backend):
+            a_by_m = a * columns * 4  # fp32 bytes
+            assert largest_allocation(forward) < a_by_m, "forward"
+            assert largest_allocation(loss.backward) < a_by_m, "backward"
 
 
 # ---- bad inputs --------------------------------------------------------------------
@@ -340,19 +420,20 @@ def test_backends_without_the_op_are_refused_by_name():
             pk.pixel_contrast_loss(*case.args())
 
 
-def test_non_contiguous_inputs_and_narrow_label_dtypes(reference_backend):
-    case = make_contrast_case(40, 50, 7, 4, "bank", seed=20)
+def test_non_contiguous_inputs_and_narrow_label_dtypes(contrast_backend):
+    dtype, tol = _exact_dtype(contrast_backend)
+    case = _cast(make_contrast_case(40, 50, 7, 4, "bank", seed=20), dtype)
     # Every other row and column of wider, transposed storage.
-    wide_anchors = torch.zeros(14, 80, dtype=F64)
+    wide_anchors = torch.zeros(14, 80, dtype=dtype)
     wide_anchors[::2, ::2] = case.anchors.T
-    wide_bank = torch.zeros(14, 100, dtype=F64)
+    wide_bank = torch.zeros(14, 100, dtype=dtype)
     wide_bank[::2, ::2] = case.contrast.T
     anchors, bank = wide_anchors[::2, ::2].T, wide_bank[::2, ::2].T
     assert not anchors.is_contiguous() and not bank.is_contiguous()
     got = pk.pixel_contrast_loss(anchors, case.anchor_labels.to(torch.int32), bank,
                                  case.contrast_labels.to(torch.int16), reduction="none")
     want = pk.pixel_contrast_loss(*case.args(), reduction="none")
-    assert_close(got, want, 1e-12)  # the GEMM may sum in another order for strided inputs
+    assert_close(got, want, tol * 1e-2)  # the GEMM may sum in another order for strided inputs
 
 
 def test_allocation_probe_sees_the_reference_a_by_m_tensors(reference_backend):
@@ -376,7 +457,7 @@ def test_allocation_probe_sees_the_reference_a_by_m_tensors(reference_backend):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("mode", MODES)
-def test_half_inputs_accumulate_in_fp32(dtype, mode, reference_backend):
+def test_half_inputs_accumulate_in_fp32(dtype, mode, contrast_backend):
     case = make_contrast_case(70, 90, 24, 4, mode, seed=18, dtype=dtype)
     anchors = case.anchors.clone().requires_grad_()
     loss = pk.pixel_contrast_loss(anchors, case.anchor_labels, case.contrast, case.contrast_labels,
@@ -387,8 +468,9 @@ def test_half_inputs_accumulate_in_fp32(dtype, mode, reference_backend):
     exact = make_contrast_case(70, 90, 24, 4, mode, seed=18, dtype=dtype)
     exact.anchors = exact.anchors.to(F64).requires_grad_()
     exact.contrast = None if exact.contrast is None else exact.contrast.to(F64)
-    want = pk.pixel_contrast_loss(*exact.args(), reduction="none")
-    want.sum().backward()
+    with pk.use_backend("reference"):
+        want = pk.pixel_contrast_loss(*exact.args(), reduction="none")
+        want.sum().backward()
     assert_close(loss, want, 1e-5, "loss")
     # The gradient is rounded to the inputs' dtype once, at the end.
     rounding = relative_error(exact.anchors.grad.to(dtype), exact.anchors.grad)
@@ -396,7 +478,7 @@ def test_half_inputs_accumulate_in_fp32(dtype, mode, reference_backend):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_deterministic(mode, reference_backend):
+def test_deterministic(mode, contrast_backend):
     case = make_contrast_case(300, 500, 33, 7, mode, seed=19, dtype=torch.float32)
 
     def run():
