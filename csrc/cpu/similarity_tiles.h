@@ -35,6 +35,9 @@
 //   E sees S for rows [tile.row_begin, +tile.rows) and prepared columns
 //   [tile.column_begin, +tile.columns), with those columns' labels in tile.labels; it
 //   writes per-row results at end_rows (or in operator() when it takes whole rows).
+//   Optionally, `bool visits(const State&, int64_t column_begin, int64_t columns) const`:
+//   false skips that column block for the current row tile, GEMM included (a pass that
+//   only needs some columns, e.g. the positives of labels grouped in column ranges).
 //
 //   Backward gradient functor G:
 //     using State = ...;
@@ -64,6 +67,8 @@
 
 #include <algorithm>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "common/math.h"
@@ -238,6 +243,23 @@ Tile<acc_t> make_tile(const TileBuffers<acc_t>& buf, const PreparedColumns<acc_t
 
 // ---- forward -------------------------------------------------------------------------
 
+// Whether the epilogue has the optional visits() hook (see the concepts at the top).
+template <typename Epilogue, typename State, typename = void>
+struct HasVisits : std::false_type {};
+template <typename Epilogue, typename State>
+struct HasVisits<Epilogue, State,
+                 std::void_t<decltype(std::declval<const Epilogue&>().visits(
+                     std::declval<const State&>(), int64_t{}, int64_t{}))>> : std::true_type {};
+
+template <typename Epilogue, typename State>
+bool visits_block(const Epilogue& epilogue, const State& state, int64_t column_begin, int64_t columns) {
+  if constexpr (HasVisits<Epilogue, State>::value) {
+    return epilogue.visits(state, column_begin, columns);
+  } else {
+    return true;
+  }
+}
+
 // Runs the epilogue over every tile of S = x̂·Ĉᵀ, row tiles in parallel.
 template <typename scalar_t, typename acc_t, typename Epilogue>
 void similarity_sweep(const at::Tensor& x, const PreparedColumns<acc_t>& cols, const SweepOptions& options,
@@ -254,6 +276,7 @@ void similarity_sweep(const at::Tensor& x, const PreparedColumns<acc_t>& cols, c
       load_rows(x_data + r0 * d, rows, d, options.normalize_rows, buf.x_hat, buf.sum_sq);
       epilogue.begin_rows(state, r0, rows);
       for (int64_t block = 0; block < blocks.count; ++block) {
+        if (!visits_block(epilogue, state, blocks.begin(block), blocks.size(block))) continue;
         similarity_gemm(buf, rows, cols, blocks, block);
         epilogue(state, make_tile(buf, cols, blocks, r0, rows, block));
       }
