@@ -125,8 +125,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = report.derive(jobs.run_jobs(planned, suite.isolate, _progress))
     wall_s = time.perf_counter() - started
 
-    preset_keys = [(p.name, p.n, p.d, p.c, p.k) for p in suite.presets]
+    preset_keys = [p.key for p in suite.presets]
     targets = report.check_targets(rows, preset_keys)
+    contrast_targets = report.check_contrast_targets(rows, suite.contrast)
     head_text = report.render_text(report.HEAD_COLUMNS, report.head_table(rows))
     op_text = report.render_text(report.OP_COLUMNS, report.op_table(rows))
     scale = f", N = per-GPU N / {suite.scale_down}" if suite.scale_down not in (None, 1) else ""
@@ -136,6 +137,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(op_text)
     print("\ndocs/spec.md §7 targets (best protoseg backend, head step)")
     print(report.render_targets(targets))
+    if suite.contrast:
+        contrast_text = report.render_text(report.CONTRAST_COLUMNS, report.contrast_table(rows, suite.contrast))
+        print(f"\nPixel contrast: pixel_contrast_loss forward + backward ({device.type}, {args.dtype})")
+        print(contrast_text)
+        print("\ndocs/spec.md §7 targets (best protoseg backend, pixel contrast)")
+        print(report.render_targets(contrast_targets))
 
     document = {
         "meta": {
@@ -153,12 +160,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "rows": rows,
         "targets": targets,
+        "contrast_targets": contrast_targets,
     }
     report.write_json(document, out_dir / "results.json")
     report.write_csv(rows, out_dir / "results.csv")
     markdown = report.render_markdown(report.HEAD_COLUMNS, report.head_table(rows))
     (out_dir / "head_step.md").write_text(markdown + "\n")
     written = ["results.json", "results.csv", "head_step.md"]
+    if suite.contrast:
+        contrast_md = report.render_markdown(report.CONTRAST_COLUMNS, report.contrast_table(rows, suite.contrast))
+        (out_dir / "pixel_contrast.md").write_text(contrast_md + "\n")
+        written.append("pixel_contrast.md")
     if not args.no_plots:
         subtitle = f"{device.type}, {args.dtype}"
         preset = SWEEP_PRESET if suite.name != "smoke" else suite.sweep[0].name

@@ -12,11 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from . import contrast_cases
 from .implementations import BASELINE, COMPILED, FLOOR
 from .problems import Problem
 from .suite import Suite
+from .worker import CONTRAST, HEAD, OPS, Job, jobs_to_json
 from .worker import FLOOR as FLOOR_GROUP
-from .worker import HEAD, OPS, Job, jobs_to_json
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 JOB_TIMEOUT_S = 900
@@ -37,6 +38,9 @@ def plan_jobs(suite: Suite, backends: list[str], device: str, dtype: str, tf32: 
         wanted += [(HEAD, p, impl) for impl in _head_impls(backends, suite.compile_sweep)]
     for p in suite.ops:
         wanted += [(OPS, p, impl) for impl in [BASELINE] + backends]
+    for p in suite.contrast:
+        naive = [BASELINE] if contrast_cases.naive_fits(p) else []
+        wanted += [(CONTRAST, p, impl) for impl in naive + backends]
     problems = list(dict.fromkeys(p for _, p, _ in wanted))
     wanted = [(FLOOR_GROUP, p, FLOOR) for p in problems] + wanted
     return [
@@ -50,7 +54,7 @@ def _failure_rows(jobs: list[Job], status: str) -> list[Row]:
     for job in jobs:
         p = job.problem
         rows.append({
-            "group": job.group, "preset": p.name, "n": p.n, "d": p.d, "c": p.c, "k": p.k,
+            "group": job.group, "preset": p.name, "n": p.n, "d": p.d, "c": p.c, "k": p.k, "m": p.m,
             "op": "-", "mode": "-", "impl": job.impl, "device": job.device, "dtype": job.dtype,
             "status": status,
         })
@@ -77,7 +81,7 @@ def run_in_subprocess(jobs: list[Job], timeout_s: float = JOB_TIMEOUT_S) -> list
 def _rows_of(job: Job, rows: list[Row]) -> list[Row]:
     p = job.problem
     return [r for r in rows if r["group"] == job.group and r["impl"] == job.impl
-            and (r["preset"], r["n"], r["d"], r["c"], r["k"]) == (p.name, p.n, p.d, p.c, p.k)]
+            and (r["preset"], r["n"], r["d"], r["c"], r["k"], r.get("m", 0)) == p.key]
 
 
 def run_jobs(jobs: list[Job], isolate: bool, on_done: Progress) -> list[Row]:

@@ -25,17 +25,28 @@ NOISE_SCALE = 1.0
 
 @dataclass(frozen=True)
 class Problem:
-    """One head-step size: N pixels, D dims, C classes, K prototypes per class."""
+    """One head-step size: N pixels, D dims, C classes, K prototypes per class; or, with
+    ``contrast`` set ("in_batch" or "bank"), a pixel-contrast size: N = A anchors, D dims,
+    C classes and an M-entry contrast set (M = A in-batch; benchmarks/contrast_cases.py)."""
 
     name: str
     n: int
     d: int
     c: int
     k: int
+    contrast: str = ""
+    m: int = 0
 
     @property
     def label(self) -> str:
+        if self.contrast:
+            return f"{self.name} A={self.n} M={self.m}"
         return f"{self.name} N={self.n}"
+
+    @property
+    def key(self) -> tuple:
+        """What tells two problems apart in the result rows."""
+        return (self.name, self.n, self.d, self.c, self.k, self.m)
 
     def with_n(self, n: int) -> Problem:
         return dataclasses.replace(self, n=n)

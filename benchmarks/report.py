@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from . import contrast_cases
 from .flops import HEAD_FLOOR, floor_gemms
 from .implementations import BASELINE, COMPILED, FLOOR, display_name, is_backend
 
@@ -36,14 +37,17 @@ def _ok(row: Row) -> bool:
 
 
 def _problem_key(row: Row) -> tuple:
-    return (row["preset"], row["n"], row["d"], row["c"], row["k"])
+    return (row["preset"], row["n"], row["d"], row["c"], row["k"], row.get("m", 0))
 
 
 def _floor_ms(row: Row, gemm_ms: dict[tuple, dict[str, float]]) -> float | None:
     measured = gemm_ms.get(_problem_key(row), {})
     if row["op"] == "head_step":
         return measured.get(HEAD_FLOOR)
-    counts = floor_gemms(row["op"], row["mode"])
+    if row["op"] == contrast_cases.OP:
+        counts = contrast_cases.floor_gemms(row["preset"], row["c"], row["contrast"])
+    else:
+        counts = floor_gemms(row["op"], row["mode"])
     if not counts or any(name not in measured for name in counts):
         return None
     return sum(measured[name] * count for name, count in counts.items())
@@ -133,6 +137,33 @@ def op_table(rows: list[Row]) -> list[list[str]]:
     return [[_problem_label(r), r["op"], r["mode"], display_name(r["impl"])] + _cells(r) for r in ops]
 
 
+CONTRAST_COLUMNS = ["problem", "implementation"] + HEAD_COLUMNS[2:]
+
+
+def _contrast_label(row: Row) -> str:
+    return f"{row['preset']} A={row['n']} M={row['m']}"
+
+
+def contrast_table(rows: list[Row], problems: Iterable) -> list[list[str]]:
+    """Pixel-contrast fwd+bwd rows, one block per preset; where the naive formula was not
+    run (it cannot hold its A×M tensors), a line with its estimated requirement."""
+    table = []
+    for p in problems:
+        block = [r for r in rows if r["group"] == "contrast" and _problem_key(r) == p.key]
+        if not any(r["impl"] == BASELINE for r in block):
+            need = contrast_cases.naive_bytes(p) / 2**30
+            table.append([p.label, display_name(BASELINE), f"not run: needs about {need:.1f} GiB"])
+        table += [[_contrast_label(r), display_name(r["impl"])] + _cells(r) for r in block]
+        floor = contrast_cases.floor_gemms(p.name, p.c, p.contrast)
+        gemms = {r["mode"]: r["median_ms"] for r in rows if r["impl"] == FLOOR and _ok(r)
+                 and _problem_key(r) == p.key}
+        if all(name in gemms for name in floor):
+            total = sum(gemms[name] * count for name, count in floor.items())
+            counts = " + ".join(f"{count:.3g} {name}" for name, count in floor.items())
+            table.append([p.label, f"GEMM floor ({counts})", f"{total:.1f}"])
+    return table
+
+
 def render_text(header: list[str], table: list[list[str]]) -> str:
     widths = [max([len(h)] + [len(r[i]) for r in table if i < len(r)]) for i, h in enumerate(header)]
 
@@ -181,6 +212,44 @@ def check_targets(rows: list[Row], preset_keys: Iterable[tuple]) -> list[dict[st
     return results
 
 
+# docs/spec.md §7 pixel-contrast targets.
+CONTRAST_MAX_TIMES_FLOOR = 1.3
+CONTRAST_MIN_SPEEDUP = 3.0
+CONTRAST_MAX_MEMORY_VS_BASELINE = 1 / 20
+CONTRAST_SPEED_PRESET = "bank"
+# The dense preset's O((A + M)·D) memory: peak extra memory at most this many times the
+# inputs' size (the kernels hold prepared copies of both sides and the gradients).
+CONTRAST_MAX_MEMORY_VS_INPUTS = 4.0
+
+
+def _peak(row: Row) -> int | None:
+    return row.get("rss_bytes") or row.get("peak_bytes")
+
+
+def check_contrast_targets(rows: list[Row], problems: Iterable) -> list[dict[str, Any]]:
+    """docs/spec.md §7 pixel-contrast targets (best protoseg backend per preset)."""
+    results = []
+    for p in problems:
+        ours = [r for r in rows if r["group"] == "contrast" and _problem_key(r) == p.key and _ok(r)
+                and is_backend(r["impl"])]
+        if not ours:
+            continue
+        best = min(ours, key=lambda r: r["median_ms"])
+        label = f"{p.label} [{best['impl']}]"
+        results.append(_check("time / GEMM floor", best.get("times_floor"), CONTRAST_MAX_TIMES_FLOOR, False, label))
+        if p.name == CONTRAST_SPEED_PRESET:
+            results.append(_check("speed-up vs baseline", best.get("speedup"), CONTRAST_MIN_SPEEDUP, True, label))
+            results.append(_check("peak memory / baseline", best.get("memory_vs_baseline"),
+                                  CONTRAST_MAX_MEMORY_VS_BASELINE, False, label))
+        if p.name == "dense":
+            peak = _peak(best)
+            ratio = None if peak is None else peak / contrast_cases.extra_memory_bound(p)
+            results.append(_check("peak memory / (A+M)·D", ratio, CONTRAST_MAX_MEMORY_VS_INPUTS, False, label))
+        results += [_check("host syncs per step", r.get("host_syncs"), 0, False, f"{p.label} [{r['impl']}]")
+                    for r in ours]
+    return results
+
+
 def render_targets(results: list[dict[str, Any]]) -> str:
     lines = []
     for r in results:
@@ -192,7 +261,7 @@ def render_targets(results: list[dict[str, Any]]) -> str:
 
 
 # ---- files ---------------------------------------------------------------------
-CSV_FIELDS = ["group", "preset", "n", "d", "c", "k", "op", "mode", "impl", "device", "dtype", "status",
+CSV_FIELDS = ["group", "preset", "n", "d", "c", "k", "m", "contrast", "op", "mode", "impl", "device", "dtype", "status",
               "median_ms", "p20_ms", "p80_ms", "runs", "flops", "gflops", "floor_ms", "times_floor",
               "speedup", "peak_bytes", "rss_bytes", "allocated_bytes", "memory_vs_baseline",
               "host_syncs", "cuda_sync_calls"]

@@ -12,6 +12,8 @@
   (no scale-down, also on a CPU), baseline and protoseg backends, three timed
   runs: the memory ratios at the sizes users train at, where the fixed C·K·D
   buffers (prepared and updated prototypes) no longer weigh 8× more than at N/8.
+* ``default`` and ``full`` also time the pixel-contrast presets of docs/spec.md §7
+  (benchmarks/contrast_cases.py: in-batch, bank, dense with A / 8 on a CPU).
 * ``smoke``: tiny sizes, two timed runs, one thread and one worker process, for
   the test suite (no RSS column: that needs a process per implementation).
 """
@@ -20,12 +22,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .contrast_cases import presets as contrast_presets
 from .measure import TimingPlan
 from .problems import CPU_PRESET_SCALE_DOWN, CPU_SCALE_DOWN, PRESETS, Problem
 
 SUITES = ("default", "full", "memory", "smoke")
 SWEEP_PRESET = "ade20k"
 TINY = Problem("tiny", n=256, d=32, c=6, k=3)
+TINY_CONTRAST = (Problem("in_batch", n=96, d=16, c=4, k=0, contrast="in_batch", m=96),
+                 Problem("bank", n=96, d=16, c=4, k=0, contrast="bank", m=400))
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,7 @@ class Suite:
     threads: int | None = None  # torch threads in the workers (None: torch's default)
     scale_down: int | None = 1  # preset N = per-GPU N / scale_down (None: not the presets)
     # (the sweep and op rows on a CPU: per-GPU N / CPU_SCALE_DOWN)
+    contrast: tuple[Problem, ...] = ()  # pixel-contrast rows (benchmarks/contrast_cases.py)
 
 
 def _preset_problems(scale_down: int) -> tuple[Problem, ...]:
@@ -60,7 +66,7 @@ def build_suite(name: str, device_type: str, compile_baseline: bool = True) -> S
     if name == "smoke":
         plan = TimingPlan(warmup=1, min_runs=2, max_runs=2, target_seconds=0.0)
         return Suite(name, (TINY,), (TINY.with_n(128), TINY), (TINY,), plan, compile_baseline, False,
-                     isolate=False, threads=1, scale_down=None)
+                     isolate=False, threads=1, scale_down=None, contrast=TINY_CONTRAST)
     if name == "memory":
         plan = TimingPlan(warmup=1, min_runs=3, max_runs=3, target_seconds=0.0)
         return Suite(name, _preset_problems(1), (), (), plan, False, False)
@@ -73,8 +79,10 @@ def build_suite(name: str, device_type: str, compile_baseline: bool = True) -> S
             TimingPlan(warmup=2, min_runs=5, max_runs=15, target_seconds=2.0)
         sweep = _sweep(scale_down, (1, 2, 4, 8))
         ops = small if gpu else tuple(p for p in small if p.name == SWEEP_PRESET)
-        return Suite(name, presets, sweep, ops, plan, compile_baseline, False, scale_down=preset_scale)
+        return Suite(name, presets, sweep, ops, plan, compile_baseline, False, scale_down=preset_scale,
+                     contrast=contrast_presets(device_type))
     plan = TimingPlan(warmup=10, min_runs=50, max_runs=500, target_seconds=3.0) if gpu else \
         TimingPlan(warmup=3, min_runs=10, max_runs=30, target_seconds=5.0)
     sweep = _sweep(scale_down, (1, 2, 4, 8, 16))
-    return Suite(name, presets, sweep, small, plan, compile_baseline, compile_baseline, scale_down=preset_scale)
+    return Suite(name, presets, sweep, small, plan, compile_baseline, compile_baseline, scale_down=preset_scale,
+                 contrast=contrast_presets(device_type))

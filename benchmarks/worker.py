@@ -24,13 +24,13 @@ from typing import Any
 
 import torch
 
-from . import flops, implementations, measure, op_cases
+from . import contrast_cases, flops, implementations, measure, op_cases
 from .measure import Case, TimingPlan
 from .problems import Problem, make_head_inputs
 from .step import HeadConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-HEAD, OPS, FLOOR = "head", "ops", "floor"
+HEAD, OPS, FLOOR, CONTRAST = "head", "ops", "floor", "contrast"
 HEAD_OP, HEAD_MODE = "head_step", "step"
 
 
@@ -55,14 +55,16 @@ class Job:
 def _base_row(job: Job, op: str, mode: str) -> dict[str, Any]:
     p = job.problem
     return {
-        "group": job.group, "preset": p.name, "n": p.n, "d": p.d, "c": p.c, "k": p.k,
-        "op": op, "mode": mode, "impl": job.impl, "device": job.device, "dtype": job.dtype,
+        "group": job.group, "preset": p.name, "n": p.n, "d": p.d, "c": p.c, "k": p.k, "m": p.m,
+        "contrast": p.contrast, "op": op, "mode": mode, "impl": job.impl, "device": job.device, "dtype": job.dtype,
     }
 
 
 def _cases(job: Job) -> list[tuple[str, str, Case]]:
     """(op, mode, case) of every row of the job."""
     device = torch.device(job.device)
+    if job.problem.contrast:
+        return contrast_cases.cases(job.group == FLOOR, job.impl, job.problem, device, DTYPES[job.dtype], job.seed)
     inputs = make_head_inputs(job.problem, device, DTYPES[job.dtype], job.seed)
     config = HeadConfig()
     if job.group == HEAD:
@@ -78,6 +80,8 @@ def _cases(job: Job) -> list[tuple[str, str, Case]]:
 
 
 def _flops(job: Job, op: str, mode: str) -> int | None:
+    if job.problem.contrast:
+        return contrast_cases.flops(job.problem) if job.group != FLOOR else None
     if op == HEAD_OP:
         return flops.head_step_flops(job.problem)
     if op == "gemm":

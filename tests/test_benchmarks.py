@@ -138,7 +138,7 @@ def test_derived_columns_and_targets():
     assert by_impl["cpu"]["times_floor"] == pytest.approx(1.2)
     assert by_impl["cpu"]["memory_vs_baseline"] == pytest.approx(0.125)
     assert by_impl["cpu"]["gflops"] == pytest.approx(4e6 / 12e-3 / 1e9)
-    targets = report.check_targets(rows, [("ade20k", 8, 2, 3, 2)])
+    targets = report.check_targets(rows, [("ade20k", 8, 2, 3, 2, 0)])
     verdicts = {(t["target"], t["detail"].split("[")[1][:-1]): t["met"] for t in targets}
     assert verdicts[("speed-up vs baseline", "cpu")] is True
     assert verdicts[("speed-up vs torch.compile", "cpu")] is None  # not measured
@@ -146,8 +146,37 @@ def test_derived_columns_and_targets():
     assert verdicts[("peak memory / baseline", "cpu")] is True
     assert verdicts[("host syncs per step", "reference")] is False
     coco = [dict(r, preset="coco_stuff") for r in rows]
-    coco_targets = {t["target"] for t in report.check_targets(coco, [("coco_stuff", 8, 2, 3, 2)])}
+    coco_targets = {t["target"] for t in report.check_targets(coco, [("coco_stuff", 8, 2, 3, 2, 0)])}
     assert {"speed-up vs baseline", "peak memory / baseline"} <= coco_targets
+
+
+def test_contrast_rows_floor_targets_and_the_naive_requirement():
+    from benchmarks import contrast_cases
+
+    bank = contrast_cases.PRESETS["bank"]
+    dense = contrast_cases.PRESETS["dense"]
+
+    def row(p, impl, ms, peak, group="contrast", op=contrast_cases.OP, mode=contrast_cases.MODE):
+        return {"group": group, "preset": p.name, "n": p.n, "d": p.d, "c": p.c, "k": 0, "m": p.m,
+                "contrast": p.contrast, "op": op, "mode": mode, "impl": impl, "status": "ok", "median_ms": ms,
+                "p20_ms": ms, "p80_ms": ms, "flops": 1e9, "peak_bytes": peak, "host_syncs": 0}
+
+    gemms = [row(p, FLOOR, ms, None, group="floor", op="gemm", mode=mode)
+             for p in (bank, dense) for mode, ms in (("fwd", 100.0), ("dx", 50.0))]
+    rows = report.derive(gemms + [row(bank, BASELINE, 3000.0, 8000), row(bank, "cpu", 300.0, 100),
+                                  row(dense, "cpu", 400.0, 10 ** 9)])
+    by = {(r["preset"], r["impl"]): r for r in rows}
+    # bank (grouped labels): (2 + 1/19) fwd + 1 dx
+    assert by[("bank", "cpu")]["floor_ms"] == pytest.approx((2 + 1 / 19) * 100 + 50)
+    assert by[("dense", "cpu")]["floor_ms"] == pytest.approx(3 * 100 + 50)  # raster order: 3 fwd
+    verdicts = {(t["target"], t["detail"].split(" ")[0]): t["met"]
+                for t in report.check_contrast_targets(rows, (bank, dense))}
+    assert verdicts[("speed-up vs baseline", "bank")] is True
+    assert verdicts[("peak memory / baseline", "bank")] is True  # 100 / 8000 <= 1/20
+    assert verdicts[("time / GEMM floor", "dense")] is True
+    assert verdicts[("peak memory / (A+M)·D", "dense")] is False  # 1 GB against 0.2 GB of inputs
+    table = report.contrast_table(rows, (bank, dense))
+    assert any("not run: needs about" in " ".join(line) for line in table if line[0].startswith("dense"))
 
 
 def _public_op_uses(path: Path) -> tuple[set[str], list[str]]:
