@@ -135,7 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ops", action="store_true", help="per-op roofline of the Triton backend at one preset")
     parser.add_argument("--preset", choices=list(PRESETS), default="ade20k", help="preset of --ops (per-GPU N)")
     parser.add_argument("--passes", action="store_true", help="with --ops: list every pass of every row")
+    parser.add_argument("--contrast", action="store_true", help="pixel_contrast_loss at its presets")
     args = parser.parse_args(argv)
+    if args.contrast:
+        from .roofline_contrast import table as contrast_table
+
+        print(contrast_table())
+        return 0
     if not args.ops:
         print(table())
         return 0

@@ -116,3 +116,17 @@ def test_cli(capsys):
     out = capsys.readouterr().out
     assert "| preset |" in out
     assert all(f"| {preset} |" in out for preset in PRESETS)
+
+
+def test_contrast_roofline_counts_the_fused_passes_and_the_naive_a_by_m_traffic(capsys):
+    from benchmarks import roofline_contrast
+    from benchmarks.contrast_cases import PRESETS
+
+    bank = PRESETS["bank"]
+    one_pass = 2 * bank.n * bank.m * bank.d
+    assert roofline_contrast.fused_flops(bank) == pytest.approx((3 + 1 / 19) * one_pass)  # (2 + 1/C) fwd + dx
+    assert roofline_contrast.naive_flops(bank) == 2 * one_pass
+    # The naive side moves A×M tensors; the fused side only the operands, once per pass.
+    assert roofline_contrast.naive_bytes(bank, 2) > 100 * roofline_contrast.fused_bytes(bank, 2)
+    assert roofline.main(["--contrast"]) == 0
+    assert "dense | 32768 | 190000" in capsys.readouterr().out
