@@ -18,9 +18,10 @@ long-tailed class frequencies and 10% ignored.
 
 GEMM floor, counted in bare [A, D]×[D, M] products ("fwd") and [A, M]×[M, D] ones ("dx"):
 ContrastiveSeg needs 2 forward passes and, with a constant bank, a recomputation and dx
-in backward: 3 fwd + 1 dx. With anchors grouped by label and a bank stored by class, the
-second forward pass needs only the positives' columns (a C-th of them): (2 + 1/C) fwd +
-1 dx. In-batch the column role adds one product: + 1 dx.
+in backward: 3 fwd + 1 dx. With the bank stored by class, the second forward pass needs
+only the positives' columns, a C-th of them, once the anchors are taken in label order
+(an O(A·D) sort, whatever order they come in): (2 + 1/C) fwd + 1 dx, the floor used here
+for every preset. In-batch the column role adds one product: + 1 dx.
 """
 
 from __future__ import annotations
@@ -82,10 +83,10 @@ def _physical_memory() -> int | None:
         return None
 
 
-def floor_gemms(preset: str, classes: int, contrast: str) -> dict[str, float]:
-    """{bare GEMM: count} of the fused ContrastiveSeg step's floor (module docstring)."""
-    forward = 2 + 1 / classes if preset in GROUPED else 3
-    return {GEMM_FWD: forward, GEMM_DX: 2 if contrast == "in_batch" else 1}
+def floor_gemms(classes: int, contrast: str) -> dict[str, float]:
+    """{bare GEMM: count} of the fused ContrastiveSeg step's floor (module docstring): the
+    contrast sets of every preset are stored by class."""
+    return {GEMM_FWD: 2 + 1 / classes, GEMM_DX: 2 if contrast == "in_batch" else 1}
 
 
 def extra_memory_bound(p: Problem, element_size: int = 4) -> int:

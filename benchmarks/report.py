@@ -45,7 +45,7 @@ def _floor_ms(row: Row, gemm_ms: dict[tuple, dict[str, float]]) -> float | None:
     if row["op"] == "head_step":
         return measured.get(HEAD_FLOOR)
     if row["op"] == contrast_cases.OP:
-        counts = contrast_cases.floor_gemms(row["preset"], row["c"], row["contrast"])
+        counts = contrast_cases.floor_gemms(row["c"], row["contrast"])
     else:
         counts = floor_gemms(row["op"], row["mode"])
     if not counts or any(name not in measured for name in counts):
@@ -154,7 +154,7 @@ def contrast_table(rows: list[Row], problems: Iterable) -> list[list[str]]:
             need = contrast_cases.naive_bytes(p) / 2**30
             table.append([p.label, display_name(BASELINE), f"not run: needs about {need:.1f} GiB"])
         table += [[_contrast_label(r), display_name(r["impl"])] + _cells(r) for r in block]
-        floor = contrast_cases.floor_gemms(p.name, p.c, p.contrast)
+        floor = contrast_cases.floor_gemms(p.c, p.contrast)
         gemms = {r["mode"]: r["median_ms"] for r in rows if r["impl"] == FLOOR and _ok(r)
                  and _problem_key(r) == p.key}
         if all(name in gemms for name in floor):

@@ -4,8 +4,8 @@ At the docs/spec.md §7 pixel-contrast presets (per-GPU sizes, constant bank; de
 A = 32,768, the GPU bar), for the fused kernels and the naive formula:
 
 * executed FLOPs: 2·A·M·D per GEMM pass. Fused ContrastiveSeg: the GEMM passes of
-  :func:`benchmarks.contrast_cases.floor_gemms` (grouped labels: (2 + 1/C) forward
-  products and a dx; raster order: 3 + 1). Naive: the logits and dx (2 passes; in-batch
+  :func:`benchmarks.contrast_cases.floor_gemms` ((2 + 1/C) forward products and a
+  dx, a bank stored by class). Naive: the logits and dx (2 passes; in-batch
   + the column role).
 * HBM bytes. Fused: each pass reads both operands once (A·D + M·D elements) and the
   labels; the outputs are per-anchor scalars and d anchors. Naive: every A×M tensor it
@@ -34,7 +34,7 @@ def _problems() -> list[Problem]:
 
 
 def _gemm_passes(p: Problem) -> float:
-    return sum(floor_gemms(p.name, p.c, p.contrast).values())
+    return sum(floor_gemms(p.c, p.contrast).values())
 
 
 def fused_flops(p: Problem) -> float:

@@ -168,7 +168,7 @@ def test_contrast_rows_floor_targets_and_the_naive_requirement():
     by = {(r["preset"], r["impl"]): r for r in rows}
     # bank (grouped labels): (2 + 1/19) fwd + 1 dx
     assert by[("bank", "cpu")]["floor_ms"] == pytest.approx((2 + 1 / 19) * 100 + 50)
-    assert by[("dense", "cpu")]["floor_ms"] == pytest.approx(3 * 100 + 50)  # raster order: 3 fwd
+    assert by[("dense", "cpu")]["floor_ms"] == pytest.approx((2 + 1 / 19) * 100 + 50)  # any anchor order
     verdicts = {(t["target"], t["detail"].split(" ")[0]): t["met"]
                 for t in report.check_contrast_targets(rows, (bank, dense))}
     assert verdicts[("speed-up vs baseline", "bank")] is True

@@ -129,4 +129,5 @@ def test_contrast_roofline_counts_the_fused_passes_and_the_naive_a_by_m_traffic(
     # The naive side moves A×M tensors; the fused side only the operands, once per pass.
     assert roofline_contrast.naive_bytes(bank, 2) > 100 * roofline_contrast.fused_bytes(bank, 2)
     assert roofline.main(["--contrast"]) == 0
+    assert roofline_contrast.fused_flops(PRESETS["dense"]) == pytest.approx((3 + 1 / 19) * one_pass * 16)
     assert "dense | 32768 | 190000" in capsys.readouterr().out

@@ -10,6 +10,8 @@
 //   holds none of the row tile's labels is skipped, GEMM included (visits()), so with
 //   anchors grouped by label and a bank stored by class it costs about 1/C of a pass.
 //   SupCon: one pass (online log-sum-exp over P ∪ N, Σ_p ℓ_ip and |P(i)|).
+//   Both kernels run on the anchors sorted by label (LabelOrder), so any anchor order
+//   benefits from a bank stored by class.
 // Backward (dℓ from the saved scalars, see common/pixel_contrast.h; dS = dℓ/τ):
 //   d anchors: one sweep over the rows (recompute, dÂ = dS·Ĉ). In-batch the same sweep also
 //   returns the column role dSᵀ·Â through the engine's chunked column gradient, and the two
@@ -17,8 +19,8 @@
 //   (rows = bank entries, columns = anchors, per-anchor scalars read by column), so its
 //   gradient needs no [chunks, M, D] partials and no float atomics.
 // GEMM passes (A×D×M products), forward + backward:
-//   ContrastiveSeg, constant bank 2 + 2 (≈ 1 + 1/C + 2 with grouped labels);
-//   ContrastiveSeg, bank gradient 2 + 4 (≈ 1 + 1/C + 4); in-batch 2 + 3;
+//   ContrastiveSeg, constant bank 2 + 2 (≈ 1 + 1/C + 2 with a bank stored by class);
+//   ContrastiveSeg, bank gradient 2 + 4 (≈ 1 + 1/C + 4); in-batch 2 + 3 (≈ 1 + 1/C + 3);
 //   SupCon, constant bank 1 + 2; bank gradient 1 + 4; in-batch 1 + 3.
 #include <algorithm>
 #include <cmath>
@@ -295,6 +297,35 @@ std::vector<std::vector<int64_t>> labels_per_block(const PreparedColumns<acc_t>&
   return out;
 }
 
+// The anchors sorted by label (stable): the kernels run on that order, so that a row tile
+// holds few labels and the positives' pass skips most column blocks whatever order the
+// caller's anchors come in (raster order for dense anchors); results are put back in
+// the caller's order. Costs a copy of the anchors (A·D), nothing of A·M.
+struct LabelOrder {
+  at::Tensor order;  // [A] int64: sorted position -> caller's row
+
+  explicit LabelOrder(const at::Tensor& labels) : order(labels.argsort(/*stable=*/true)) {}
+
+  at::Tensor grouped(const at::Tensor& per_anchor) const { return per_anchor.index_select(0, order).contiguous(); }
+
+  ContrastInputs grouped(const ContrastInputs& in, bool in_batch) const {
+    ContrastInputs out = in;
+    out.anchors = grouped(in.anchors);
+    out.anchor_labels = grouped(in.anchor_labels);
+    if (in_batch) {
+      out.columns = out.anchors;
+      out.column_labels = out.anchor_labels;
+    }
+    return out;
+  }
+
+  at::Tensor ungrouped(const at::Tensor& sorted) const {
+    at::Tensor out = at::empty_like(sorted);
+    out.index_copy_(0, order, sorted);
+    return out;
+  }
+};
+
 template <typename scalar_t, typename acc_t>
 void forward_impl(const ContrastInputs& in, bool in_batch, bool normalize, double temperature,
                   double base_temperature, bool supcon, ForwardParams<acc_t> params) {
@@ -471,7 +502,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pixel_contrast_forwar
     const at::Tensor& anchors, const at::Tensor& anchor_labels, const at::Tensor& contrast,
     const at::Tensor& contrast_labels, bool in_batch, bool normalize, double temperature, double base_temperature,
     bool supcon) {
-  const ContrastInputs in = checked_inputs(kForward, anchors, anchor_labels, contrast, contrast_labels, in_batch);
+  const ContrastInputs given = checked_inputs(kForward, anchors, anchor_labels, contrast, contrast_labels, in_batch);
+  const LabelOrder order(given.anchor_labels);
+  const ContrastInputs in = order.grouped(given, in_batch);
   const int64_t a = in.anchors.size(0);
   const auto options = in.anchors.options().dtype(compute_dtype(in.anchors.scalar_type()));
   at::Tensor loss = at::empty({a}, options), log_norm = at::empty({a}, options);
@@ -485,7 +518,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pixel_contrast_forwar
     params.log_b = supcon ? nullptr : log_b.data_ptr<acc_t>();
     forward_impl<scalar_t, acc_t>(in, in_batch, normalize, temperature, base_temperature, supcon, params);
   });
-  return {loss, positives, log_norm, log_b};
+  return {order.ungrouped(loss), order.ungrouped(positives), order.ungrouped(log_norm),
+          supcon ? log_b : order.ungrouped(log_b)};
 }
 
 std::tuple<at::Tensor, at::Tensor> pixel_contrast_backward(
@@ -493,13 +527,16 @@ std::tuple<at::Tensor, at::Tensor> pixel_contrast_backward(
     const at::Tensor& contrast, const at::Tensor& contrast_labels, const at::Tensor& positives_in,
     const at::Tensor& log_norm_in, const at::Tensor& log_b_in, bool in_batch, bool normalize, double temperature,
     double base_temperature, bool supcon, bool need_contrast_grad) {
-  const ContrastInputs in = checked_inputs(kBackward, anchors, anchor_labels, contrast, contrast_labels, in_batch);
+  const ContrastInputs given = checked_inputs(kBackward, anchors, anchor_labels, contrast, contrast_labels, in_batch);
+  const LabelOrder order(given.anchor_labels);
+  const ContrastInputs in = order.grouped(given, in_batch);
   const int64_t a = in.anchors.size(0);
   const auto acc_dtype = compute_dtype(in.anchors.scalar_type());
-  const at::Tensor positives = checked_index(kBackward, "positives", positives_in, a);
-  const at::Tensor grad = checked_values(kBackward, "grad_loss", grad_loss, a, acc_dtype);
-  const at::Tensor log_norm = checked_values(kBackward, "log_norm", log_norm_in, a, acc_dtype);
-  const at::Tensor log_b = supcon ? at::Tensor() : checked_values(kBackward, "log_b", log_b_in, a, acc_dtype);
+  const at::Tensor positives = order.grouped(checked_index(kBackward, "positives", positives_in, a));
+  const at::Tensor grad = order.grouped(checked_values(kBackward, "grad_loss", grad_loss, a, acc_dtype));
+  const at::Tensor log_norm = order.grouped(checked_values(kBackward, "log_norm", log_norm_in, a, acc_dtype));
+  const at::Tensor log_b =
+      supcon ? at::Tensor() : order.grouped(checked_values(kBackward, "log_b", log_b_in, a, acc_dtype));
   std::tuple<at::Tensor, at::Tensor> result;
   PROTOSEG_DISPATCH_FLOATING(in.anchors.scalar_type(), kBackward, [&] {
     BackwardParams<acc_t> params;
@@ -514,7 +551,7 @@ std::tuple<at::Tensor, at::Tensor> pixel_contrast_backward(
                                                      static_cast<acc_t>(temperature / base_temperature));
     result = backward_impl<scalar_t, acc_t>(in, in_batch, normalize, need_contrast_grad && !in_batch, params);
   });
-  return result;
+  return {order.ungrouped(std::get<0>(result)), std::get<1>(result)};
 }
 
 }  // namespace protoseg::cpu
