@@ -8,6 +8,7 @@ import resource
 import sys
 
 import torch
+from contrast_cases import MODES, make_contrast_case
 from helpers import make_case
 
 import protoseg_kernels as pk
@@ -43,7 +44,27 @@ def run_everything() -> dict[str, torch.Tensor]:
         up = pk.update_prototypes(case.prototypes, case.x, case.labels, sk.index, momentum=0.5)
         out.update({"sinkhorn_index": sk.index, "sinkhorn_q": sk.q, "updated": up.prototypes,
                     "counts": up.counts})
+        out.update(run_pixel_contrast())
     return {k: v.detach() for k, v in out.items()}
+
+
+def run_pixel_contrast() -> dict[str, torch.Tensor]:
+    """pixel_contrast_loss over several row tiles and column blocks, both modes and
+    denominators, a bank with its gradient."""
+    out = {}
+    for mode in MODES:
+        case = make_contrast_case(700, 1500, 24, 6, mode, seed=23, dtype=torch.float32)
+        for denominator in ("contrastiveseg", "supcon"):
+            anchors = case.anchors.clone().requires_grad_()
+            bank = None if case.contrast is None else case.contrast.clone().requires_grad_()
+            loss = pk.pixel_contrast_loss(anchors, case.anchor_labels, bank, case.contrast_labels,
+                                          denominator=denominator, reduction="none")
+            loss.square().sum().backward()
+            name = f"contrast_{mode}_{denominator}"
+            out.update({name: loss, f"{name}_da": anchors.grad})
+            if bank is not None:
+                out[f"{name}_dc"] = bank.grad
+    return out
 
 
 def determinism(threads: str, path: str) -> None:
