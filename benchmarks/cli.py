@@ -6,6 +6,7 @@ Examples::
     python -m benchmarks --suite full --device cuda --dtype bfloat16
     python -m benchmarks --suite memory       # head step at the per-GPU N (memory ratios)
     python -m benchmarks --suite smoke --out bench-smoke --no-compile
+    python -m benchmarks --only contrast         # the pixel-contrast rows of the default suite
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tf32", action="store_true", help="CUDA: fp32 matmuls in TF32 (default: off, as torch)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the baseline")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--only", choices=jobs.GROUPS, nargs="+", default=None,
+                        help="run only these row groups of the suite (with their GEMM floors)")
     return parser.parse_args(argv)
 
 
@@ -122,6 +125,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"  backend {name:<10} {'benchmarked' if reason is None else 'skipped: ' + reason}")
     started = time.perf_counter()
     planned = jobs.plan_jobs(suite, backends, device.type, args.dtype, tf32=args.tf32)
+    if args.only:
+        planned = jobs.only_groups(planned, args.only)
     rows = report.derive(jobs.run_jobs(planned, suite.isolate, _progress))
     wall_s = time.perf_counter() - started
 

@@ -49,6 +49,16 @@ def plan_jobs(suite: Suite, backends: list[str], device: str, dtype: str, tf32: 
     ]
 
 
+GROUPS = (HEAD, OPS, CONTRAST)
+
+
+def only_groups(planned: list[Job], groups: list[str]) -> list[Job]:
+    """The jobs of ``groups``, and the GEMM floors of their problems."""
+    kept = [job for job in planned if job.group in groups]
+    problems = {job.problem for job in kept}
+    return [job for job in planned if job in kept or (job.group == FLOOR_GROUP and job.problem in problems)]
+
+
 def _failure_rows(jobs: list[Job], status: str) -> list[Row]:
     rows = []
     for job in jobs:
