@@ -39,8 +39,11 @@ def plan_jobs(suite: Suite, backends: list[str], device: str, dtype: str, tf32: 
     for p in suite.ops:
         wanted += [(OPS, p, impl) for impl in [BASELINE] + backends]
     for p in suite.contrast:
-        naive = [BASELINE] if contrast_cases.naive_fits(p) else []
-        wanted += [(CONTRAST, p, impl) for impl in naive + backends]
+        # The naive formula and the reference (the oracle, which builds the A×M logits and
+        # masks too) only where their A×M tensors fit.
+        fits = contrast_cases.naive_fits(p)
+        impls = ([BASELINE] if fits else []) + [b for b in backends if fits or b != "reference"]
+        wanted += [(CONTRAST, p, impl) for impl in impls]
     problems = list(dict.fromkeys(p for _, p, _ in wanted))
     wanted = [(FLOOR_GROUP, p, FLOOR) for p in problems] + wanted
     return [
