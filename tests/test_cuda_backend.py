@@ -1,8 +1,8 @@
 """The CUDA backend (csrc/cuda): the real extension registers a CUDA kernel for every
 schema; the host emulation header (csrc/emulation) runs CUDA constructs correctly on
 its own; the emulated build never allocates N·C·K; with a GPU, the kernels match the
-reference (and triton) and are timed. The op test files compare ``cuda_emulated`` with
-the reference for every op (docs/spec.md §5)."""
+reference (and triton), the pixel contrast's included, and are timed. The op test files
+compare ``cuda_emulated`` with the reference for every op (docs/spec.md §5)."""
 
 from __future__ import annotations
 
@@ -17,12 +17,14 @@ import pytest
 import torch
 from conformance import (
     check_class_scores,
+    check_pixel_contrast_loss,
     check_ppc_ppd_loss,
     check_prototype_similarity,
     check_sinkhorn_assign,
     check_update_prototypes,
 )
 from conftest import _required_backends, require_backend
+from contrast_cases import DENOMINATORS, MODES, ContrastCase, make_contrast_case
 from helpers import RAGGED_SHAPES, Case, assert_bitwise_equal, assert_close, largest_allocation, make_case
 
 import protoseg_kernels as pk
@@ -228,6 +230,45 @@ def test_gpu_cuda_is_deterministic():
             sk = pk.sinkhorn_assign(case.x, case.prototypes, case.labels, return_q=True)
             up = pk.update_prototypes(case.prototypes, case.x, case.labels, sk.index)
         return out.scores, out.index, out.lse, x.grad, p.grad, sk.q, up.prototypes
+
+    for a, b in zip(run(), run()):
+        assert_bitwise_equal(a, b)
+
+
+def _contrast_to_gpu(case: ContrastCase) -> ContrastCase:
+    return ContrastCase(*(None if t is None else t.cuda() for t in case.args()))
+
+
+# (A, M, D, classes): the ragged shapes of tests/test_pixel_contrast_loss.py, then the in-batch
+# and bank presets of docs/spec.md §7 (the bank's M = 190,000 scaled by 1/4: the reference
+# materialises A×M in float64).
+CONTRAST_SHAPES = [(1031, 4099, 77, 19), (257, 129, 33, 7), (1, 300, 9, 3), (1024, 47_500, 256, 19)]
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("denominator", DENOMINATORS)
+def test_gpu_cuda_pixel_contrast_matches_reference(denominator, mode, dtype):
+    require_cuda_build()
+    for i, (a, m, d, classes) in enumerate(CONTRAST_SHAPES):
+        case = _contrast_to_gpu(make_contrast_case(a, m, d, classes, mode, seed=60 + i))
+        check_pixel_contrast_loss("cuda", case, dtype, denominator=denominator, contrast_grad=i % 2 == 0)
+
+
+@needs_gpu
+@pytest.mark.parametrize("mode", MODES)
+def test_gpu_cuda_pixel_contrast_is_deterministic(mode):
+    require_cuda_build()
+    case = _contrast_to_gpu(make_contrast_case(1024, 47_500, 256, 19, mode, seed=64, dtype=torch.float32))
+
+    def run():
+        anchors = case.anchors.clone().requires_grad_()
+        contrast = None if case.contrast is None else case.contrast.clone().requires_grad_()
+        with pk.use_backend("cuda"):
+            loss = pk.pixel_contrast_loss(anchors, case.anchor_labels, contrast, case.contrast_labels)
+            loss.backward()
+        return loss, anchors.grad, None if contrast is None else contrast.grad
 
     for a, b in zip(run(), run()):
         assert_bitwise_equal(a, b)

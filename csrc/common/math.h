@@ -14,6 +14,7 @@ namespace protoseg {
 // Unqualified calls pick float overloads on the host too (and CUDA's on device).
 using std::exp;
 using std::log;
+using std::log1p;
 using std::sqrt;
 
 template <typename acc_t>
@@ -74,10 +75,9 @@ struct OnlineLogSumExp {
     }
   }
 
-  // log Σ exp(v); -inf when nothing was added.
-  PROTOSEG_INLINE acc_t value() const {
-    return max == neg_infinity<acc_t>() ? max : max + log(sum);
-  }
+  // log Σ exp(v); -inf when nothing was added (−inf + log 0). Unguarded on purpose: values
+  // that were all NaN leave max at −inf and sum NaN, which a test of max would turn into −inf.
+  PROTOSEG_INLINE acc_t value() const { return max + log(sum); }
 };
 
 // Log-sum-exp and first argmax of a short row z[0..n) (n = K prototypes of a class).
@@ -125,6 +125,61 @@ PROTOSEG_INLINE acc_t momentum_blend(acc_t p_hat, acc_t s, acc_t inv_norm_s, acc
 // True when a sanitised index (−1 = ignored) addresses a valid slot in [0, upper).
 PROTOSEG_INLINE bool index_in_range(int64_t index, int64_t upper) {
   return index >= 0 && index < upper;
+}
+
+// ---- pixel contrast (docs/spec.md §10.1) ---------------------------------------------
+// Per-entry math of pixel_contrast_loss in the logits ℓ = ⟨â, ĉ⟩/τ, kept in the log domain so
+// that no exponent is positive beyond log |P(i)| (τ = 1e-3 gives |ℓ| up to 1000). No function
+// here compares a value that may be NaN in a way that drops it.
+
+// What a contrast entry is to an anchor: a positive (same class), a negative (another
+// class) or nothing (either side ignored, label < 0, or the anchor itself in-batch).
+enum class ContrastRole { kNone, kPositive, kNegative };
+
+PROTOSEG_INLINE ContrastRole contrast_role(int64_t anchor_label, int64_t column_label, bool is_self) {
+  if (anchor_label < 0 || column_label < 0 || is_self) return ContrastRole::kNone;
+  return anchor_label == column_label ? ContrastRole::kPositive : ContrastRole::kNegative;
+}
+
+// log(1 + e^x) without overflow; softplus(−inf) = 0 and NaN stays NaN (through the log1p).
+template <typename acc_t>
+PROTOSEG_INLINE acc_t softplus(acc_t x) {
+  const acc_t minus_magnitude = x > acc_t(0) ? -x : x;
+  return (x > acc_t(0) ? x : acc_t(0)) + log1p(exp(minus_magnitude));
+}
+
+// 1 / (1 + e^{−x}); e^{−x} may overflow to inf, which gives the correct 0.
+template <typename acc_t>
+PROTOSEG_INLINE acc_t sigmoid(acc_t x) {
+  return acc_t(1) / (acc_t(1) + exp(-x));
+}
+
+// ContrastiveSeg's term of positive p, log(e^{ℓ_p} + N) − ℓ_p = softplus(log N − ℓ_p): it
+// never forms e^{ℓ_p}, and it is 0 for an anchor without negatives (log N = −inf).
+template <typename acc_t>
+PROTOSEG_INLINE acc_t contrastiveseg_positive_term(acc_t logit, acc_t log_norm) {
+  return softplus(log_norm - logit);
+}
+
+// ∂loss/∂ℓ of one entry (docs/spec.md §10.1), given w = g·s/|P| of an anchor with positives:
+// −w·(1 − σ_p) = −w·sigmoid(log N − ℓ_p) on a positive, w·e^{ℓ_k}·B = w·e^{ℓ_k + log B} on
+// a negative (ℓ_k + log B ≤ log |P|, since B ≤ |P|/N and e^{ℓ_k} ≤ N).
+template <typename acc_t>
+PROTOSEG_INLINE acc_t contrastiveseg_logit_gradient(ContrastRole role, acc_t w, acc_t logit, acc_t log_norm,
+                                                    acc_t log_b) {
+  if (role == ContrastRole::kPositive) return -w * sigmoid(log_norm - logit);
+  if (role == ContrastRole::kNegative) return w * exp(logit + log_b);
+  return acc_t(0);
+}
+
+// SupCon's ∂loss/∂ℓ of one entry: g·s·softmax − w·[positive], with softmax = e^{ℓ − LSE}
+// over P ∪ N (an exponent ≤ 0) and coefficient = g·s.
+template <typename acc_t>
+PROTOSEG_INLINE acc_t supcon_logit_gradient(ContrastRole role, acc_t coefficient, acc_t w, acc_t logit,
+                                            acc_t log_norm) {
+  if (role == ContrastRole::kNone) return acc_t(0);
+  const acc_t on_all = coefficient * exp(logit - log_norm);
+  return role == ContrastRole::kPositive ? on_all - w : on_all;
 }
 
 }  // namespace protoseg

@@ -5,7 +5,9 @@
 //   dĈ = dSᵀ · x̂  (grad_c_kernel: a block owns kTile columns and one split of the
 //                  rows; splits are summed in a fixed order afterwards)
 //
-// then through the normalisation (finalize_rows_kernel). dS is recomputed tile by
+// then through the normalisation (finalize_rows_kernel); when the columns are the rows
+// themselves (in-batch contrast), one gradient of both roles, dS·x̂ + dSᵀ·x̂
+// (similarity_backward_both_roles_from_rule). dS is recomputed tile by
 // tile from S (never stored: nothing of size N·M), and every sum runs in a fixed
 // order without atomics, so gradients are bitwise reproducible.
 //
@@ -194,40 +196,98 @@ inline int64_t column_grad_tiles_per_split(int64_t row_tiles, int64_t col_tiles)
   return ceil_div(row_tiles, splits);
 }
 
+// How grad_c_kernel splits the rows of an [n, m] similarity (n, m > 0).
+struct RowSplits {
+  int64_t tiles_per_split;
+  int64_t count;
+};
+
+inline RowSplits column_grad_row_splits(int64_t n, int64_t m, int64_t tile) {
+  const int64_t row_tiles = ceil_div(n, tile);
+  const int64_t tiles_per_split = column_grad_tiles_per_split(row_tiles, ceil_div(m, tile));
+  return RowSplits{tiles_per_split, ceil_div(row_tiles, tiles_per_split)};
+}
+
+// out [n, d] = dS · Ĉ in acc_t (n, m > 0).
+template <typename Rule, typename scalar_t, typename acc_t>
+void launch_row_gradient(const SimilarityOperands<scalar_t, acc_t>& ops, const typename Rule::Params& params,
+                         acc_t* out, cudaStream_t stream) {
+  PROTOSEG_LAUNCH((grad_x_kernel<scalar_t, acc_t, Rule>), grid_for(ops.rows.count, TileConfig<acc_t>::kTile),
+                  dim3(kTileThreads), stream, ops, params, out);
+}
+
+// partial [splits.count, m, d] = dSᵀ · x̂ per row split, in acc_t (n, m > 0).
+template <typename Rule, typename scalar_t, typename acc_t>
+void launch_column_gradient(const SimilarityOperands<scalar_t, acc_t>& ops, const typename Rule::Params& params,
+                            RowSplits splits, acc_t* partial, cudaStream_t stream) {
+  const dim3 grid(grid_for(ops.columns.count, TileConfig<acc_t>::kTile).x, static_cast<unsigned int>(splits.count));
+  PROTOSEG_LAUNCH((grad_c_kernel<scalar_t, acc_t, Rule>), grid, dim3(kTileThreads), stream, ops, params, partial,
+                  splits.tiles_per_split);
+}
+
+// grad [rows, d] = the fixed-order sum of the `splits` slices of partial, through the
+// normalisation of v when `normalize`, in scalar_t.
+template <typename scalar_t, typename acc_t>
+void launch_finalize_rows(acc_t* partial, int64_t splits, const scalar_t* v, scalar_t* grad, int64_t rows, int64_t d,
+                          bool normalize, cudaStream_t stream) {
+  PROTOSEG_LAUNCH((finalize_rows_kernel<scalar_t, acc_t>), grid_for(rows, kRowsPerBlock), dim3(kRowThreads), stream,
+                  partial, splits, v, grad, rows, d, normalize);
+}
+
 // (grad_x [n, d] in x's dtype, grad_columns shaped like the prepared columns tensor in
 // its dtype, or an empty tensor when not needed) for the rule with `params`.
 template <typename Rule, typename scalar_t, typename acc_t>
 std::tuple<at::Tensor, at::Tensor> similarity_backward_from_rule(const PreparedOperands<scalar_t, acc_t>& prepared,
                                                                  const typename Rule::Params& params,
                                                                  bool need_column_grad, cudaStream_t stream) {
-  constexpr int kTile = TileConfig<acc_t>::kTile;
   const auto& ops = prepared.ops;
   const int64_t n = ops.rows.count, m = ops.columns.count, d = ops.d;
   const at::TensorOptions acc_options = prepared.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
 
   at::Tensor grad_x = at::empty_like(prepared.x);
   at::Tensor grad_x_hat = at::empty({n, d}, acc_options);
-  PROTOSEG_LAUNCH((grad_x_kernel<scalar_t, acc_t, Rule>), grid_for(n, kTile), dim3(kTileThreads), stream, ops,
-                  params, mutable_data<acc_t>(grad_x_hat));
-  PROTOSEG_LAUNCH((finalize_rows_kernel<scalar_t, acc_t>), grid_for(n, kRowsPerBlock), dim3(kRowThreads), stream,
-                  mutable_data<acc_t>(grad_x_hat), int64_t(1), ops.rows.data, mutable_data<scalar_t>(grad_x), n, d,
-                  prepared.normalize);
+  if (m == 0) {
+    grad_x_hat.zero_();  // an empty column set (an empty memory bank): dS has no column
+  } else {
+    launch_row_gradient<Rule>(ops, params, mutable_data<acc_t>(grad_x_hat), stream);
+  }
+  launch_finalize_rows(mutable_data<acc_t>(grad_x_hat), int64_t(1), ops.rows.data, mutable_data<scalar_t>(grad_x), n,
+                       d, prepared.normalize, stream);
   if (!need_column_grad) return {grad_x, at::empty({0}, prepared.columns.options())};
 
   at::Tensor grad_c = at::empty_like(prepared.columns);
-  if (n == 0) return {grad_x, grad_c.zero_()};
-  const int64_t row_tiles = ceil_div(n, kTile);
-  const int64_t col_tiles = ceil_div(m, kTile);
-  const int64_t tiles_per_split = column_grad_tiles_per_split(row_tiles, col_tiles);
-  const int64_t splits = ceil_div(row_tiles, tiles_per_split);
-  at::Tensor partial = at::empty({splits, m, d}, acc_options);
-  const dim3 grid(grid_for(m, kTile).x, static_cast<unsigned int>(splits));
-  PROTOSEG_LAUNCH((grad_c_kernel<scalar_t, acc_t, Rule>), grid, dim3(kTileThreads), stream, ops, params,
-                  mutable_data<acc_t>(partial), tiles_per_split);
-  PROTOSEG_LAUNCH((finalize_rows_kernel<scalar_t, acc_t>), grid_for(m, kRowsPerBlock), dim3(kRowThreads), stream,
-                  mutable_data<acc_t>(partial), splits, ops.columns.data, mutable_data<scalar_t>(grad_c), m, d,
-                  prepared.normalize);
+  if (n == 0 || m == 0) return {grad_x, grad_c.zero_()};
+  const RowSplits splits = column_grad_row_splits(n, m, TileConfig<acc_t>::kTile);
+  at::Tensor partial = at::empty({splits.count, m, d}, acc_options);
+  launch_column_gradient<Rule>(ops, params, splits, mutable_data<acc_t>(partial), stream);
+  launch_finalize_rows(mutable_data<acc_t>(partial), splits.count, ops.columns.data, mutable_data<scalar_t>(grad_c),
+                       m, d, prepared.normalize, stream);
   return {grad_x, grad_c};
+}
+
+// grad_x [n, d] in x's dtype when the columns are the rows themselves
+// (prepare_operands(x, x, ...): in-batch contrast, docs/spec.md §10.1): each row gets both of its
+// roles, dS·x̂ + dSᵀ·x̂, added in acc_t before the normalisation. grad_x_kernel writes
+// the first slice of the partial sums and grad_c_kernel's row splits the others, so one
+// finalize adds them in a fixed order (no atomics).
+template <typename Rule, typename scalar_t, typename acc_t>
+at::Tensor similarity_backward_both_roles_from_rule(const PreparedOperands<scalar_t, acc_t>& prepared,
+                                                    const typename Rule::Params& params, cudaStream_t stream) {
+  const auto& ops = prepared.ops;
+  const int64_t n = ops.rows.count, d = ops.d;
+  TORCH_INTERNAL_ASSERT(ops.columns.count == n && ops.columns.data == ops.rows.data,
+                        "similarity backward: both roles need the rows as the columns");
+  at::Tensor grad_x = at::empty_like(prepared.x);
+  if (n == 0) return grad_x;
+  const RowSplits splits = column_grad_row_splits(n, n, TileConfig<acc_t>::kTile);
+  at::Tensor partial =
+      at::empty({1 + splits.count, n, d}, prepared.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  acc_t* as_row = mutable_data<acc_t>(partial);
+  launch_row_gradient<Rule>(ops, params, as_row, stream);
+  launch_column_gradient<Rule>(ops, params, splits, as_row + n * d, stream);
+  launch_finalize_rows(as_row, 1 + splits.count, ops.rows.data, mutable_data<scalar_t>(grad_x), n, d,
+                       prepared.normalize, stream);
+  return grad_x;
 }
 
 }  // namespace protoseg::cuda

@@ -15,7 +15,8 @@
 //      per pass when a statistic needs another first, or its own tile kernel on
 //      similarity_micro_tile when it writes S itself;
 //   3. backward: a GradientRule (similarity_backward.cuh) run by
-//      similarity_backward_from_rule, which returns dx and, when asked, dcolumns.
+//      similarity_backward_from_rule, which returns dx and, when asked, dcolumns
+//      (similarity_backward_both_roles_from_rule when the columns are x itself).
 // The op's arguments reach the device as one Params struct per Visitor / rule.
 #pragma once
 
