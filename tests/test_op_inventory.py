@@ -19,6 +19,7 @@ import partial_backend
 import pytest
 import torch
 from conftest import FUSED_CPU_BACKENDS, _required_backends, require_backend
+from contrast_cases import make_contrast_case
 from helpers import SMALL_SHAPES, make_case
 
 from protoseg_kernels import _backend
@@ -141,6 +142,14 @@ def _counting(monkeypatch, module, names: list[str]) -> dict[str, int]:
     return calls
 
 
+def _conformance_case(op: str):
+    """The inputs ``check_<op>`` takes: a contrast case (a bank, so that the contrast
+    gradient is asked for too) for the pixel contrast, pixels and prototypes otherwise."""
+    if op == "pixel_contrast_loss":
+        return make_contrast_case(67, 83, 13, 5, "bank", seed=11)
+    return make_case(*SMALL_SHAPES[0], seed=11)
+
+
 @pytest.mark.parametrize("op", list(OPS_BY_NAME))
 @pytest.mark.parametrize("backend", FUSED_CPU_BACKENDS)
 def test_every_declared_kernel_runs_and_matches_the_reference(monkeypatch, backend, op):
@@ -149,7 +158,7 @@ def test_every_declared_kernel_runs_and_matches_the_reference(monkeypatch, backe
     require_backend(backend, op)
     names = [kernel.name for kernel in OPS_BY_NAME[op].kernels]
     calls = _counting(monkeypatch, _backend.get_backend(backend), names)
-    getattr(conformance, f"check_{op}")(backend, make_case(*SMALL_SHAPES[0], seed=11), torch.float32)
+    getattr(conformance, f"check_{op}")(backend, _conformance_case(op), torch.float32)
     assert all(calls.values()), f"{backend}: kernels of {op} never called: {calls}"
 
 
