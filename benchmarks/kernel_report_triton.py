@@ -56,6 +56,26 @@ def _backend_calls(n: int, d: int, c: int, k: int, dtype: torch.dtype) -> None:
     tk.sinkhorn_finalize(logits, labels, beta, True)
     sums, counts = tk.prototype_sums(x, labels, c * k, True)
     tk.momentum_update(p, sums, counts, 0.999, True)
+    _pixel_contrast_calls(t, d, c)
+
+
+def _pixel_contrast_calls(t: Any, d: int, c: int) -> None:
+    """pixel_contrast_loss: sampled anchors against a labelled bank (constant, and with its
+    gradient) and in-batch, both denominators (docs/spec.md §7: A = 1,024; the block sizes
+    do not depend on M)."""
+    from protoseg_kernels import triton as tk
+
+    a, m = 1024, 2 * c * 5000
+    anchors, bank = t(a, d), t(m, d)
+    anchor_labels, bank_labels = t(a, dt=torch.int64), t(m, dt=torch.int64)
+    g, stats, positives = t(a, dt=torch.float32), t(a, dt=torch.float32), t(a, dt=torch.int64)
+    for supcon in (False, True):
+        log_b = t(0 if supcon else a, dt=torch.float32)
+        for columns, labels, in_batch in ((bank, bank_labels, False), (anchors, anchor_labels, True)):
+            tk.pixel_contrast_forward(anchors, anchor_labels, columns, labels, in_batch, True, 0.1, 0.07, supcon)
+            for need_contrast_grad in ((False,) if in_batch else (False, True)):
+                tk.pixel_contrast_backward(g, anchors, anchor_labels, columns, labels, positives, stats, log_b,
+                                           in_batch, True, 0.1, 0.07, supcon, need_contrast_grad)
 
 
 _SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}

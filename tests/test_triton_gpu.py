@@ -9,11 +9,13 @@ import pytest
 import torch
 from conformance import (
     check_class_scores,
+    check_pixel_contrast_loss,
     check_ppc_ppd_loss,
     check_prototype_similarity,
     check_sinkhorn_assign,
     check_update_prototypes,
 )
+from contrast_cases import ContrastCase, make_contrast_case
 from helpers import Case, assert_bitwise_equal, make_case
 
 import protoseg_kernels as pk
@@ -77,6 +79,39 @@ def test_update_prototypes(preset_case, dtype):
 def test_prototype_similarity(dtype):
     n, d, c, k = PRESETS["ade20k"]
     check_prototype_similarity("triton", _on_gpu(make_case(n // 8, d, c, k, seed=2)), dtype)
+
+
+# docs/spec.md §7 pixel-contrast presets: A = 1,024 sampled anchors, D = 256, in-batch and against
+# a bank; the bank has M = 38,000 (not 190,000) so that the float64 reference's A×M stays small.
+CONTRAST_SHAPES = {"in_batch": (1024, 0, 256, 19), "bank": (1024, 38_000, 256, 19)}
+
+
+def _contrast_case_on_gpu(mode: str, seed: int) -> ContrastCase:
+    case = make_contrast_case(*CONTRAST_SHAPES[mode], mode, seed=seed, dtype=torch.float32)
+    return ContrastCase(*(None if t is None else t.cuda() for t in case.args()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", list(CONTRAST_SHAPES))
+@pytest.mark.parametrize("denominator", ["contrastiveseg", "supcon"])
+def test_pixel_contrast_loss(denominator, mode, dtype):
+    check_pixel_contrast_loss("triton", _contrast_case_on_gpu(mode, 3), dtype, denominator=denominator)
+
+
+@pytest.mark.parametrize("mode", list(CONTRAST_SHAPES))
+def test_pixel_contrast_backward_is_bitwise_deterministic(mode):
+    case = _contrast_case_on_gpu(mode, 4)
+
+    def run():
+        anchors = case.anchors.bfloat16().requires_grad_()
+        bank = None if case.contrast is None else case.contrast.bfloat16().requires_grad_()
+        with pk.use_backend("triton"):
+            loss = pk.pixel_contrast_loss(anchors, case.anchor_labels, bank, case.contrast_labels)
+        loss.backward()
+        return loss, anchors.grad, None if bank is None else bank.grad
+
+    for a, b in zip(run(), run()):
+        assert_bitwise_equal(a, b)
 
 
 def test_backward_is_bitwise_deterministic(preset_case):

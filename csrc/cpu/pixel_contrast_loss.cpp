@@ -12,7 +12,7 @@
 //   SupCon: one pass (online log-sum-exp over P ∪ N, Σ_p ℓ_ip and |P(i)|).
 //   Both kernels run on the anchors sorted by label (LabelOrder), so any anchor order
 //   benefits from a bank stored by class.
-// Backward (dℓ from the saved scalars, see common/pixel_contrast.h; dS = dℓ/τ):
+// Backward (dℓ from the saved scalars, see the pixel-contrast part of common/math.h; dS = dℓ/τ):
 //   d anchors: one sweep over the rows (recompute, dÂ = dS·Ĉ). In-batch the same sweep also
 //   returns the column role dSᵀ·Â through the engine's chunked column gradient, and the two
 //   are added. A bank that needs its gradient gets a second sweep with the roles swapped
@@ -27,7 +27,7 @@
 #include <limits>
 #include <vector>
 
-#include "common/pixel_contrast.h"
+#include "common/math.h"
 #include "cpu/checks.h"
 #include "cpu/kernels.h"
 #include "cpu/similarity_tiles.h"
@@ -269,7 +269,7 @@ struct PositivesPass {
       for (int64_t j = 0; j < tile.columns; ++j) {
         if (tile.labels[j] != y || j == role.self_in_tile) continue;
         const acc_t logit = s[j] * p.inv_tau;
-        const acc_t term = contrast_positive_term(logit, log_norm);
+        const acc_t term = contrastiveseg_positive_term(logit, log_norm);
         ++st.count[i];
         st.term_sum[i] += term;
         st.log_b[i].add(-logit - term);  // −log(e^{ℓ_ip} + N_i)
@@ -413,7 +413,8 @@ struct AnchorRowsGrad : StatelessClient {
     const int64_t* z = tile.labels;
     const acc_t inv_tau = p.inv_tau, w = p.coefficients.w[r], log_norm = p.log_norm[r], log_b = p.log_b[r];
     for (int64_t j = 0; j < tile.columns; ++j) {  // positives (about 1/C of the columns)
-      if (z[j] == y) s[j] = contrast_positive_grad(s[j] * inv_tau, log_norm, w) * inv_tau;
+      if (z[j] != y) continue;
+      s[j] = contrastiveseg_logit_gradient(ContrastRole::kPositive, w, s[j] * inv_tau, log_norm, log_b) * inv_tau;
     }
     const acc_t w_tau = w * inv_tau;
     for (int64_t j = 0; j < tile.columns; ++j) {  // negatives, vectorised; positives kept
@@ -455,11 +456,10 @@ struct BankRowsGrad : StatelessClient {
   acc_t element(acc_t similarity, int64_t anchor, int64_t z) const {
     if (p.positives[anchor] == 0) return acc_t(0);  // ignored anchors have no positive
     const acc_t logit = similarity * p.inv_tau, w = p.coefficients.w[anchor];
-    const bool positive = p.anchor_labels[anchor] == z;
+    const ContrastRole role = contrast_role(p.anchor_labels[anchor], z, false);
     const acc_t d_logit =
-        p.supcon ? supcon_grad(logit, p.log_norm[anchor], p.coefficients.coefficient[anchor], w, positive)
-        : positive ? contrast_positive_grad(logit, p.log_norm[anchor], w)
-                   : contrast_negative_grad(logit, p.log_b[anchor], w);
+        p.supcon ? supcon_logit_gradient(role, p.coefficients.coefficient[anchor], w, logit, p.log_norm[anchor])
+                 : contrastiveseg_logit_gradient(role, w, logit, p.log_norm[anchor], p.log_b[anchor]);
     return d_logit * p.inv_tau;
   }
 };

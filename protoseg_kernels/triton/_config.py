@@ -5,7 +5,9 @@ On a GPU the tiles are sized for A100/H100 (checked for register spills by
 GEMM blocks are the smallest legal ones, so that the small test shapes still cross
 several pixel, prototype and embedding blocks and every loop runs more than once;
 row-wise kernels use moderate blocks there (the interpreter's cost is per program
-and per operation, not per element), still crossing blocks at the test shapes.
+and per operation, not per element), still crossing blocks at the test shapes. For the
+same reason the rows and the flat column tiles of a larger problem (a few hundred rows or
+columns) get wider blocks there, as long as each dimension still spans several of them.
 """
 
 from __future__ import annotations
@@ -106,10 +108,26 @@ def _class_layout(c: int, k: int, min_width: int, max_width: int, whole_classes:
 LAYOUTS = ("flat", "class", "whole_classes")
 
 
+# Blocks along a dimension that the interpreted GEMM tiles keep (when the dimension allows).
+INTERPRETED_MIN_BLOCKS = 4
+INTERPRETED_MAX_BLOCK = 64
+
+
+def _interpreted_block(size: int | None) -> int:
+    """The interpreted block along a dimension of ``size`` (None: unknown): the smallest
+    legal one, doubled while the dimension still spans INTERPRETED_MIN_BLOCKS blocks.
+    The interpreter's cost is per block visited, not per element."""
+    block = MIN_DOT
+    while size is not None and block < INTERPRETED_MAX_BLOCK and size >= 2 * block * INTERPRETED_MIN_BLOCKS:
+        block *= 2
+    return block
+
+
 def _gemm(device: torch.device, dtype: torch.dtype, layout: str, c: int, k: int, *, block_n: int, width: int,
-          num_warps: int, num_stages: int) -> GemmTiles:
+          num_warps: int, num_stages: int, n: int | None = None) -> GemmTiles:
     """Tiles for the tensor cores (16-bit inputs, or fp32 as TF32); fp32 without TF32
-    runs ``tl.dot`` as FMAs in registers, so its tiles are smaller."""
+    runs ``tl.dot`` as FMAs in registers, so its tiles are smaller. ``n``, the number of
+    rows (None: unknown), matters only to the interpreted tiles."""
     block_d = 64
     if dtype == torch.float32:
         block_d = 32
@@ -117,7 +135,9 @@ def _gemm(device: torch.device, dtype: torch.dtype, layout: str, c: int, k: int,
             block_n, width, block_d = min(block_n, 64), min(width, 64), 16
     min_width = 32  # narrower tiles re-read x from L2 more often than they save in padding
     if interpreted(device):
-        block_n, width, block_d, min_width = MIN_DOT, MIN_DOT, MIN_DOT, MIN_DOT
+        block_n, width, block_d, min_width = _interpreted_block(n), MIN_DOT, MIN_DOT, MIN_DOT
+        if layout == "flat":
+            width = _interpreted_block(c * k)
     if layout == "flat":
         return GemmTiles(block_n, block_d, 1, width, True, num_warps, num_stages)
     slots, block_c = _class_layout(c, k, min_width, width, whole_classes=layout == "whole_classes")
@@ -134,9 +154,21 @@ def flat_forward_tiles(device: torch.device, dtype: torch.dtype, c: int, k: int)
     return _gemm(device, dtype, "flat", c, k, block_n=128, width=64, num_warps=8, num_stages=3)
 
 
-def gradient_tiles(device: torch.device, dtype: torch.dtype, c: int, k: int, layout: str) -> GemmTiles:
-    """Tiles of the dx and dP passes (``layout``: one of LAYOUTS)."""
-    return _gemm(device, dtype, layout, c, k, block_n=64, width=128, num_warps=8, num_stages=3)
+def contrast_forward_tiles(device: torch.device, dtype: torch.dtype, m: int, n: int) -> GemmTiles:
+    """Flat layout for the pixel-contrast sweeps over M labelled columns, ``n`` rows. Their
+    per-tile work (label masks, the positives' softplus, two log-sum-exps) holds more
+    [rows × columns] values than a plain log-sum-exp: narrower tiles keep it in registers
+    (and two stages: at sm_80 a third costs a spill in-batch)."""
+    return _gemm(device, dtype, "flat", m, 1, block_n=128, width=32, num_warps=8, num_stages=2, n=n)
+
+
+def gradient_tiles(device: torch.device, dtype: torch.dtype, c: int, k: int, layout: str,
+                   n: int | None = None, split_ds: bool = False) -> GemmTiles:
+    """Tiles of the dx and dP passes (``layout``: one of LAYOUTS); ``n`` rows, if known.
+    ``split_ds`` (dS held as a 16-bit hi + lo pair besides its fp32 tile): half as wide,
+    to stay in registers."""
+    return _gemm(device, dtype, layout, c, k, block_n=64, width=64 if split_ds else 128, num_warps=8, num_stages=3,
+                 n=n)
 
 
 def gradient_splits(device: torch.device, n: int, num_prototypes: int, d: int, pixel_blocks: int,
