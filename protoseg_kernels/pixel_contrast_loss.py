@@ -26,18 +26,24 @@ The kernels return, besides loss [A], the per-anchor scalars the backward needs:
 them, the backward is a function of ℓ_ij alone, so a fused backend recomputes ℓ tile by
 tile and never holds anything of size A·M (docs/spec.md §10.1).
 
-GEMM-pass floor (one pass = the A×D×M product; in-batch M = A), as fused backends will
-need it, forward + backward:
+GEMM-pass floor (one pass = the A×D×M product; in-batch M = A), forward + backward:
 
 * contrastiveseg: forward 2 (pass 1: online log N_i over column tiles; pass 2 recomputes ℓ
   for Σ_p log(1 + N_i e^{−ℓ_ip}) and log B_i, which need the final N_i). With a constant
-  bank backward is 2 (recompute, dA): 4 in all. With a contrast gradient (in-batch, or a
-  bank that requires grad) backward adds dC: 3, or 4 when, to stay deterministic without
-  float atomics, dC comes from a column sweep that recomputes ℓ again: 5-6 in all. When
-  the positives of every anchor are one contiguous column range (a class-blocked bank,
-  anchors grouped by label), pass 2 only visits those columns: forward ≈ 1 + 1/C.
+  bank backward is 2 (recompute, dA): 4 in all. A contrast gradient (in-batch, or a bank
+  that requires grad) adds dC: 3 in backward where one recomputed tile feeds both
+  products, 4 where, to stay deterministic without float atomics, dC comes from a second
+  sweep that recomputes ℓ. When the positives of every row tile are a few column ranges (a
+  bank stored by class, anchors taken in label order), pass 2 only visits those columns:
+  forward ≈ 1 + 1/C.
 * supcon: forward 1 (LSE_i, Σ_p ℓ_ip and |P(i)| are all online), backward as above:
   3 in all with a constant bank, 4-5 with a contrast gradient.
+
+What each backend realises (docs/spec.md §10.1): cpu (csrc/cpu/pixel_contrast_loss.cpp)
+sorts the anchors by label and skips the column blocks without positives in pass 2, and
+takes the in-batch column role from the same recomputed tiles; triton
+(protoseg_kernels/triton/pixel_contrast_loss.py) and cuda (csrc/cuda/pixel_contrast_loss.cu)
+visit every column in both passes and take dC from a second sweep.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from torch import Tensor
 
 import protoseg_kernels as pk
 from benchmarks.contrast_baseline import contrastive_loss
-from protoseg_kernels._backend import available_backends, get_backend, op_dtype_reason
+from protoseg_kernels._backend import op_dtype_reason, resolve_backend
 
 
 def _literal(case: ContrastCase, **kw) -> tuple[Tensor, list[int]]:
@@ -406,18 +406,12 @@ def test_bad_inputs_name_the_argument(changes, exc, words):
         assert word in message, f"{word!r} not in {message!r}"
 
 
-def test_backends_without_the_op_are_refused_by_name():
-    """Only the reference implements the op so far: auto falls back to it; a backend
-    named explicitly that lacks it raises."""
-    case = make_contrast_case(9, 11, 4, 3, "bank", seed=17, dtype=torch.float32)
-    with pk.use_backend("auto"):
-        assert torch.isfinite(pk.pixel_contrast_loss(*case.args()))
-    for name in available_backends():
-        backend = get_backend(name)
-        if hasattr(backend, "pixel_contrast_forward") or backend.device_reason(torch.device("cpu")):
-            continue
-        with pk.use_backend(name), pytest.raises(RuntimeError, match=f"{name!r} cannot run pixel_contrast_loss"):
-            pk.pixel_contrast_loss(*case.args())
+def test_auto_serves_the_fused_cpu_backend():
+    """The public path is the fused one: auto picks the cpu kernels for CPU tensors (a
+    backend lacking an op is refused by name: tests/test_op_inventory.py)."""
+    require_backend("cpu", "pixel_contrast_loss")
+    for dtype in (torch.float32, F64, torch.bfloat16):
+        assert resolve_backend("pixel_contrast_loss", torch.device("cpu"), dtype) == "cpu"
 
 
 def test_non_contiguous_inputs_and_narrow_label_dtypes(contrast_backend):
