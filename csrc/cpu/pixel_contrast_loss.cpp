@@ -142,6 +142,17 @@ struct RowSums {
   std::vector<acc_t> positive_sum;
 };
 
+// Calls visit(i, r, role) for every row i of the tile whose anchor r is labelled: an
+// ignored anchor takes no part in any pass.
+template <typename acc_t, typename Visit>
+void for_each_labelled_row(const ForwardParams<acc_t>& p, const Tile<acc_t>& tile, const Visit& visit) {
+  for (int64_t i = 0; i < tile.rows; ++i) {
+    const int64_t r = tile.row_begin + i;
+    const int64_t y = p.row_labels[r];
+    if (y >= 0) visit(i, r, row_role(y, r, p.in_batch, tile.column_begin, tile.columns));
+  }
+}
+
 // ContrastiveSeg pass 1: log N_i over the negatives (z_j >= 0, z_j != y_i; never self).
 template <typename acc_t>
 struct NegativesPass {
@@ -151,12 +162,11 @@ struct NegativesPass {
   State make_state(const TileShape& shape) const { return {std::vector<ShiftedSum<acc_t>>(shape.max_rows), {}, {}}; }
   void begin_rows(State& st, int64_t, int64_t rows) const { std::fill_n(st.rows.begin(), rows, ShiftedSum<acc_t>{}); }
   void operator()(State& st, const Tile<acc_t>& tile) const {
-    for (int64_t i = 0; i < tile.rows; ++i) {
-      const int64_t y = p.row_labels[tile.row_begin + i];
-      if (y < 0) continue;
-      const int64_t* z = tile.labels;
+    const int64_t* z = tile.labels;
+    for_each_labelled_row(p, tile, [&](int64_t i, int64_t, const RowRole& role) {
+      const int64_t y = role.label;
       st.rows[i].fold(tile.row(i), tile.columns, p.inv_tau, [&](int64_t j) { return (z[j] >= 0) & (z[j] != y); });
-    }
+    });
   }
   void end_rows(State& st, int64_t r0, int64_t rows) const {
     for (int64_t i = 0; i < rows; ++i) p.log_norm[r0 + i] = st.rows[i].log_value(p.inv_tau);
@@ -179,21 +189,17 @@ struct SupConPass {
     std::fill_n(st.positive_sum.begin(), rows, acc_t(0));
   }
   void operator()(State& st, const Tile<acc_t>& tile) const {
-    for (int64_t i = 0; i < tile.rows; ++i) {
-      const int64_t r = tile.row_begin + i;
-      const int64_t y = p.row_labels[r];
-      if (y < 0) continue;
-      const RowRole role = row_role(y, r, p.in_batch, tile.column_begin, tile.columns);
-      const int64_t* z = tile.labels;
+    const int64_t* z = tile.labels;
+    for_each_labelled_row(p, tile, [&](int64_t i, int64_t, const RowRole& role) {
       const acc_t* s = tile.row(i);
       st.rows[i].fold(s, tile.columns, p.inv_tau,
                       [&](int64_t j) { return (z[j] >= 0) & (j != role.self_in_tile); });
       for (int64_t j = 0; j < tile.columns; ++j) {
-        if (z[j] != y || j == role.self_in_tile) continue;
+        if (z[j] != role.label || j == role.self_in_tile) continue;
         ++st.count[i];
         st.positive_sum[i] += s[j];
       }
-    }
+    });
   }
   void end_rows(State& st, int64_t r0, int64_t rows) const {
     for (int64_t i = 0; i < rows; ++i) {
@@ -259,22 +265,18 @@ struct PositivesPass {
     return share_a_label(st.tile_labels, block_labels[column_begin / block_width]);
   }
   void operator()(State& st, const Tile<acc_t>& tile) const {
-    for (int64_t i = 0; i < tile.rows; ++i) {
-      const int64_t r = tile.row_begin + i;
-      const int64_t y = p.row_labels[r];
-      if (y < 0) continue;
-      const RowRole role = row_role(y, r, p.in_batch, tile.column_begin, tile.columns);
+    for_each_labelled_row(p, tile, [&](int64_t i, int64_t r, const RowRole& role) {
       const acc_t log_norm = p.log_norm[r];
       const acc_t* s = tile.row(i);
       for (int64_t j = 0; j < tile.columns; ++j) {
-        if (tile.labels[j] != y || j == role.self_in_tile) continue;
+        if (tile.labels[j] != role.label || j == role.self_in_tile) continue;
         const acc_t logit = s[j] * p.inv_tau;
         const acc_t term = contrastiveseg_positive_term(logit, log_norm);
         ++st.count[i];
         st.term_sum[i] += term;
         st.log_b[i].add(-logit - term);  // −log(e^{ℓ_ip} + N_i)
       }
-    }
+    });
   }
   void end_rows(State& st, int64_t r0, int64_t rows) const {
     for (int64_t i = 0; i < rows; ++i) {
