@@ -318,6 +318,18 @@ def test_fused_backend_matches_reference(fused_backend, dtype, mode, denominator
         check_pixel_contrast_loss(fused_backend, case, dtype, denominator=denominator, contrast_grad=i % 2 == 0)
 
 
+@pytest.mark.parametrize("denominator", DENOMINATORS)
+def test_fused_backend_bank_stored_by_class(fused_backend, denominator):
+    """A bank sorted by label (as a class memory bank stores it) and anchors in random
+    order: column blocks then hold one or two classes, so a backend that skips the blocks
+    without positives in its second pass (cpu) does skip, and must still match."""
+    a, m, d, classes = _fused_contrast_shapes(fused_backend)[0]
+    case = make_contrast_case(a, m, d, classes, "bank", seed=60, dtype=torch.float32)
+    order = torch.argsort(case.contrast_labels, stable=True)
+    case.contrast, case.contrast_labels = case.contrast[order], case.contrast_labels[order]
+    check_pixel_contrast_loss(fused_backend, case, torch.float32, denominator=denominator)
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("denominator", DENOMINATORS)
 def test_fused_backend_unnormalized(fused_backend, mode, denominator):
