@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from . import implementations, jobs, plots, report
+from . import implementations, jobs, measure, plots, report
 from .suite import SUITES, SWEEP_PRESET, build_suite
 from .worker import DTYPES, Job
 
@@ -63,13 +63,6 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _memory_bytes() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def _git_revision() -> dict[str, Any]:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=jobs.REPO_ROOT, capture_output=True, text=True,
@@ -83,7 +76,7 @@ def _git_revision() -> dict[str, Any]:
 
 def _machine(device: torch.device) -> dict[str, Any]:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    machine = {"cpu": _cpu_model(), "cores": cores, "memory_bytes": _memory_bytes(),
+    machine = {"cpu": _cpu_model(), "cores": cores, "memory_bytes": measure.physical_memory_bytes(),
                "torch_threads": torch.get_num_threads()}
     if device.type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(device)

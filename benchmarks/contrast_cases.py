@@ -27,7 +27,6 @@ for every preset. In-batch the column role adds one product: + 1 dx.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +36,7 @@ from torch import Tensor
 import protoseg_kernels as pk
 
 from .contrast_baseline import contrastive_loss
-from .measure import Case
+from .measure import Case, physical_memory_bytes
 from .problems import Problem
 
 OP = "pixel_contrast_loss"
@@ -72,15 +71,8 @@ def naive_bytes(p: Problem, element_size: int = 4) -> int:
 
 
 def naive_fits(p: Problem) -> bool:
-    pages = _physical_memory()
-    return pages is None or naive_bytes(p) < NAIVE_MEMORY_SHARE * pages
-
-
-def _physical_memory() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
+    memory = physical_memory_bytes()
+    return memory is None or naive_bytes(p) < NAIVE_MEMORY_SHARE * memory
 
 
 def floor_gemms(classes: int, contrast: str) -> dict[str, float]:
@@ -165,12 +157,11 @@ def gemm_cases(o: ContrastInputs) -> dict[str, Case]:
     }
 
 
-def cases(floor: bool, impl: str, p: Problem, device: torch.device, dtype: torch.dtype,
+def cases(floor: bool, backend: str | None, p: Problem, device: torch.device, dtype: torch.dtype,
           seed: int) -> list[tuple[str, str, Case]]:
-    """(op, mode, case) of one job's rows."""
-    from .implementations import BASELINE
-
+    """(op, mode, case) of one job's rows: the floor's GEMMs, or fwd+bwd on ``backend``
+    (None: the naive formula)."""
     o = make_inputs(p, device, dtype, seed)
     if floor:
         return [("gemm", name, case) for name, case in gemm_cases(o).items()]
-    return [(OP, MODE, step_case(o, None if impl == BASELINE else impl))]
+    return [(OP, MODE, step_case(o, backend))]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -210,6 +211,14 @@ def _glibc_returns_large_blocks():
         raise OSError("mallopt refused the thresholds")
     libc.malloc_trim(0)
     yield
+
+
+def physical_memory_bytes() -> int | None:
+    """The machine's physical memory, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def rss_peak_bytes(case: Case) -> int | None:

@@ -48,6 +48,11 @@ def _floor_ms(row: Row, gemm_ms: dict[tuple, dict[str, float]]) -> float | None:
         counts = contrast_cases.floor_gemms(row["c"], row["contrast"])
     else:
         counts = floor_gemms(row["op"], row["mode"])
+    return _floor_total(counts, measured)
+
+
+def _floor_total(counts: dict[str, float] | None, measured: dict[str, float]) -> float | None:
+    """Σ count × measured ms of the floor's bare GEMMs, or None when one was not measured."""
     if not counts or any(name not in measured for name in counts):
         return None
     return sum(measured[name] * count for name, count in counts.items())
@@ -157,8 +162,8 @@ def contrast_table(rows: list[Row], problems: Iterable) -> list[list[str]]:
         floor = contrast_cases.floor_gemms(p.c, p.contrast)
         gemms = {r["mode"]: r["median_ms"] for r in rows if r["impl"] == FLOOR and _ok(r)
                  and _problem_key(r) == p.key}
-        if all(name in gemms for name in floor):
-            total = sum(gemms[name] * count for name, count in floor.items())
+        total = _floor_total(floor, gemms)
+        if total is not None:
             counts = " + ".join(f"{count:.3g} {name}" for name, count in floor.items())
             table.append([p.label, f"GEMM floor ({counts})", f"{total:.1f}"])
     return table

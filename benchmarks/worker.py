@@ -64,7 +64,8 @@ def _cases(job: Job) -> list[tuple[str, str, Case]]:
     """(op, mode, case) of every row of the job."""
     device = torch.device(job.device)
     if job.problem.contrast:
-        return contrast_cases.cases(job.group == FLOOR, job.impl, job.problem, device, DTYPES[job.dtype], job.seed)
+        backend = job.impl if implementations.is_backend(job.impl) else None
+        return contrast_cases.cases(job.group == FLOOR, backend, job.problem, device, DTYPES[job.dtype], job.seed)
     inputs = make_head_inputs(job.problem, device, DTYPES[job.dtype], job.seed)
     config = HeadConfig()
     if job.group == HEAD:
