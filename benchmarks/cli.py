@@ -7,6 +7,7 @@ Examples::
     python -m benchmarks --suite memory       # head step at the per-GPU N (memory ratios)
     python -m benchmarks --suite smoke --out bench-smoke --no-compile
     python -m benchmarks --only contrast         # the pixel-contrast rows of the default suite
+    python -m benchmarks --only contrast_step    # the ContrastiveSeg training-step rows
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 from . import implementations, jobs, measure, plots, report
 from .suite import SUITES, SWEEP_PRESET, build_suite
-from .worker import DTYPES, Job
+from .worker import CONTRAST, DTYPES, STEP, Job
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -121,11 +122,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.only:
         planned = jobs.only_groups(planned, args.only)
     rows = report.derive(jobs.run_jobs(planned, suite.isolate, _progress))
+    ran = {job.group for job in planned}
+    # the pixel-contrast and step tables of the groups that ran (--only may leave them out)
+    contrast_problems = suite.contrast if CONTRAST in ran else ()
+    step_problems = suite.contrast_step if STEP in ran else ()
     wall_s = time.perf_counter() - started
 
     preset_keys = [p.key for p in suite.presets]
     targets = report.check_targets(rows, preset_keys)
-    contrast_targets = report.check_contrast_targets(rows, suite.contrast)
+    contrast_targets = report.check_contrast_targets(rows, contrast_problems)
+    step_targets = report.check_step_targets(rows, step_problems)
     head_text = report.render_text(report.HEAD_COLUMNS, report.head_table(rows))
     op_text = report.render_text(report.OP_COLUMNS, report.op_table(rows))
     scale = f", N = per-GPU N / {suite.scale_down}" if suite.scale_down not in (None, 1) else ""
@@ -135,12 +141,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(op_text)
     print("\ndocs/spec.md §7 targets (best protoseg backend, head step)")
     print(report.render_targets(targets))
-    if suite.contrast:
-        contrast_text = report.render_text(report.CONTRAST_COLUMNS, report.contrast_table(rows, suite.contrast))
+    if contrast_problems:
+        contrast_text = report.render_text(report.CONTRAST_COLUMNS, report.contrast_table(rows, contrast_problems))
         print(f"\nPixel contrast: pixel_contrast_loss forward + backward ({device.type}, {args.dtype})")
         print(contrast_text)
         print("\ndocs/spec.md §7 targets (best protoseg backend, pixel contrast)")
         print(report.render_targets(contrast_targets))
+    if step_problems:
+        step_text = report.render_text(report.STEP_COLUMNS, report.step_table(rows, step_problems))
+        print(f"\nContrastiveSeg step: sampling + loss + bank update + backward ({device.type}, {args.dtype})")
+        print(step_text)
+        print("\ndocs/spec.md §7 targets (every protoseg backend, ContrastiveSeg step)")
+        print(report.render_targets(step_targets))
 
     document = {
         "meta": {
@@ -159,16 +171,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rows": rows,
         "targets": targets,
         "contrast_targets": contrast_targets,
+        "contrast_step_targets": step_targets,
     }
     report.write_json(document, out_dir / "results.json")
     report.write_csv(rows, out_dir / "results.csv")
     markdown = report.render_markdown(report.HEAD_COLUMNS, report.head_table(rows))
     (out_dir / "head_step.md").write_text(markdown + "\n")
     written = ["results.json", "results.csv", "head_step.md"]
-    if suite.contrast:
-        contrast_md = report.render_markdown(report.CONTRAST_COLUMNS, report.contrast_table(rows, suite.contrast))
+    if contrast_problems:
+        contrast_md = report.render_markdown(report.CONTRAST_COLUMNS, report.contrast_table(rows, contrast_problems))
         (out_dir / "pixel_contrast.md").write_text(contrast_md + "\n")
         written.append("pixel_contrast.md")
+    if step_problems:
+        step_md = report.render_markdown(report.STEP_COLUMNS, report.step_table(rows, step_problems))
+        (out_dir / "contrast_step.md").write_text(step_md + "\n")
+        written.append("contrast_step.md")
     if not args.no_plots:
         subtitle = f"{device.type}, {args.dtype}"
         preset = SWEEP_PRESET if suite.name != "smoke" else suite.sweep[0].name

@@ -16,7 +16,7 @@ from . import contrast_cases
 from .implementations import BASELINE, COMPILED, FLOOR
 from .problems import Problem
 from .suite import Suite
-from .worker import CONTRAST, HEAD, OPS, Job, jobs_to_json
+from .worker import CONTRAST, HEAD, OPS, STEP, Job, jobs_to_json
 from .worker import FLOOR as FLOOR_GROUP
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +44,9 @@ def plan_jobs(suite: Suite, backends: list[str], device: str, dtype: str, tf32: 
         fits = contrast_cases.naive_fits(p)
         impls = ([BASELINE] if fits else []) + [b for b in backends if fits or b != "reference"]
         wanted += [(CONTRAST, p, impl) for impl in impls]
-    problems = list(dict.fromkeys(p for _, p, _ in wanted))
+    problems = list(dict.fromkeys(p for group, p, _ in wanted if group != STEP))
+    for p in suite.contrast_step:  # whole training steps: no GEMM floor
+        wanted += [(STEP, p, impl) for impl in [BASELINE] + backends]
     wanted = [(FLOOR_GROUP, p, FLOOR) for p in problems] + wanted
     return [
         Job(group, p, impl, device, dtype, suite.plan, threads=suite.threads, tf32=tf32)
@@ -52,7 +54,7 @@ def plan_jobs(suite: Suite, backends: list[str], device: str, dtype: str, tf32: 
     ]
 
 
-GROUPS = (HEAD, OPS, CONTRAST)
+GROUPS = (HEAD, OPS, CONTRAST, STEP)
 
 
 def only_groups(planned: list[Job], groups: list[str]) -> list[Job]:

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from . import contrast_cases
+from . import contrast_cases, contrast_step
 from .flops import HEAD_FLOOR, floor_gemms
 from .implementations import BASELINE, COMPILED, FLOOR, display_name, is_backend
 
@@ -169,6 +169,25 @@ def contrast_table(rows: list[Row], problems: Iterable) -> list[list[str]]:
     return table
 
 
+STEP_COLUMNS = ["problem", "implementation", "median ms", "p20-p80 ms", "speed-up", "peak MiB", "RSS MiB",
+                "mem/base", "syncs"]
+
+
+def step_table(rows: list[Row], problems: Iterable) -> list[list[str]]:
+    """ContrastiveSeg training-step rows (sampling, loss, bank update, backward), one block
+    per variant, the naive step first; speed-up and memory against it."""
+    table = []
+    for p in problems:
+        block = [r for r in rows if r["group"] == "contrast_step" and _problem_key(r) == p.key]
+        block.sort(key=lambda r: r["impl"] != BASELINE)  # stable: the backends keep their order
+        for row in block:
+            cells = _cells(row)
+            if _ok(row):  # no FLOP count and no floor for a whole step
+                cells = cells[:2] + cells[4:]
+            table.append([contrast_step.label_of(p), display_name(row["impl"])] + cells)
+    return table
+
+
 def render_text(header: list[str], table: list[list[str]]) -> str:
     widths = [max([len(h)] + [len(r[i]) for r in table if i < len(r)]) for i, h in enumerate(header)]
 
@@ -253,6 +272,17 @@ def check_contrast_targets(rows: list[Row], problems: Iterable) -> list[dict[str
         results += [_check("host syncs per step", r.get("host_syncs"), 0, False, f"{p.label} [{r['impl']}]")
                     for r in ours]
     return results
+
+
+def check_step_targets(rows: list[Row], problems: Iterable) -> list[dict[str, Any]]:
+    """docs/spec.md §7 "everywhere": no host synchronisation in a training step with
+    validate=False, anchor sampling and the bank update included (every protoseg backend)."""
+    return [
+        _check("host syncs per step", r.get("host_syncs"), 0, False, f"{contrast_step.label_of(p)} [{r['impl']}]")
+        for p in problems
+        for r in rows
+        if r["group"] == "contrast_step" and _problem_key(r) == p.key and _ok(r) and is_backend(r["impl"])
+    ]
 
 
 def render_targets(results: list[dict[str, Any]]) -> str:

@@ -24,19 +24,19 @@ from typing import Any
 
 import torch
 
-from . import contrast_cases, flops, implementations, measure, op_cases
+from . import contrast_cases, contrast_step, flops, implementations, measure, op_cases
 from .measure import Case, TimingPlan
 from .problems import Problem, make_head_inputs
 from .step import HeadConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-HEAD, OPS, FLOOR, CONTRAST = "head", "ops", "floor", "contrast"
+HEAD, OPS, FLOOR, CONTRAST, STEP = "head", "ops", "floor", "contrast", "contrast_step"
 HEAD_OP, HEAD_MODE = "head_step", "step"
 
 
 @dataclass(frozen=True)
 class Job:
-    group: str  # HEAD, OPS or FLOOR
+    group: str  # HEAD, OPS, FLOOR, CONTRAST or STEP
     problem: Problem
     impl: str
     device: str = "cpu"
@@ -63,8 +63,10 @@ def _base_row(job: Job, op: str, mode: str) -> dict[str, Any]:
 def _cases(job: Job) -> list[tuple[str, str, Case]]:
     """(op, mode, case) of every row of the job."""
     device = torch.device(job.device)
+    backend = job.impl if implementations.is_backend(job.impl) else None
+    if job.group == STEP:
+        return contrast_step.cases(backend, job.problem, device, DTYPES[job.dtype], job.seed)
     if job.problem.contrast:
-        backend = job.impl if implementations.is_backend(job.impl) else None
         return contrast_cases.cases(job.group == FLOOR, backend, job.problem, device, DTYPES[job.dtype], job.seed)
     inputs = make_head_inputs(job.problem, device, DTYPES[job.dtype], job.seed)
     config = HeadConfig()
@@ -81,6 +83,8 @@ def _cases(job: Job) -> list[tuple[str, str, Case]]:
 
 
 def _flops(job: Job, op: str, mode: str) -> int | None:
+    if job.group == STEP:  # no FLOP count: sampling and bookkeeping are most of the naive step
+        return None
     if job.problem.contrast:
         return contrast_cases.flops(job.problem) if job.group != FLOOR else None
     if op == HEAD_OP:

@@ -221,6 +221,7 @@ def test_smoke_suite_writes_all_outputs(smoke_run):
         csv_rows = list(csv.DictReader(f))
     assert len(csv_rows) == len(document["rows"]) and set(csv_rows[0]) == set(report.CSV_FIELDS)
     assert "GEMM floor" in (out / "head_step.md").read_text()
+    assert "baseline (naive)" in (out / "contrast_step.md").read_text()
 
 
 def test_smoke_suite_rows_are_well_formed(smoke_run):
@@ -247,6 +248,26 @@ def test_smoke_suite_rows_are_well_formed(smoke_run):
                           ("sinkhorn_assign", 1), ("update_prototypes", 1)):
             assert sum((op, m, impl) in ops for m in ("fwd", "bwd", "fwd+bwd")) == modes
     assert any(t["target"] == "host syncs per step" for t in document["targets"])
+
+
+def test_smoke_suite_times_the_contrast_step(smoke_run):
+    """The ContrastiveSeg step rows (benchmarks/contrast_step.py): every implementation, the
+    naive step synchronises in its loops, the fused ones never."""
+    from benchmarks import contrast_step
+
+    _, document = smoke_run
+    rows = [r for r in document["rows"] if r["group"] == "contrast_step"]
+    problems = contrast_step.problems(contrast_step.TINY)
+    impls = [BASELINE, *CPU_BACKENDS]
+    assert {(r["preset"], r["impl"]) for r in rows} == {(p.name, impl) for p in problems for impl in impls}
+    for r in rows:
+        assert r["status"] == "ok" and r["runs"] == 2 and r["peak_bytes"] > 0 and r["floor_ms"] is None
+        if r["impl"] == BASELINE:
+            assert r["speedup"] == 1.0 and r["memory_vs_baseline"] == 1.0 and r["host_syncs"] > 0
+        else:
+            assert r["host_syncs"] == 0 and r["speedup"] > 0, r["impl"]
+    targets = document["contrast_step_targets"]
+    assert len(targets) == len(problems) * len(CPU_BACKENDS) and all(t["met"] for t in targets)
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
