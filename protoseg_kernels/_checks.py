@@ -159,7 +159,7 @@ def check_index_range(
         return
     bad = (index != ignore_index) & ((index < 0) | (index >= upper))
     if bool(bad.any()):
-        first = int(index[bad.nonzero()[0, 0]])
+        first = int(index[bad][0])  # boolean indexing flattens: any shape
         raise ValueError(
             f"{op}: {name} must hold {meaning} in [0, {upper}) or ignore_index={ignore_index}, "
             f"found {first} (pass validate=False to treat out-of-range values as ignored)"
@@ -173,7 +173,7 @@ def check_class_ids(op: str, name: str, labels: torch.Tensor, ignore_index: int)
         return
     bad = (labels != ignore_index) & (labels < 0)
     if bool(bad.any()):
-        first = int(labels[bad.nonzero()[0, 0]])
+        first = int(labels[bad][0])
         raise ValueError(
             f"{op}: {name} must hold class ids >= 0 or ignore_index={ignore_index}, found {first} "
             "(pass validate=False to treat negative values as ignored)"
