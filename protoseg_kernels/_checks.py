@@ -95,6 +95,17 @@ def check_mask(op: str, value: object, length: int, device: torch.device) -> tor
     return t
 
 
+def check_generator(op: str, value: object, device: torch.device, owner: str) -> torch.Generator | None:
+    """None, or a ``torch.Generator`` on the device type of argument ``owner`` (``device``)."""
+    if value is None:
+        return None
+    if not isinstance(value, torch.Generator):
+        raise TypeError(f"{op}: generator must be a torch.Generator or None, got {type(value).__name__}")
+    if value.device.type != device.type:
+        raise ValueError(f"{op}: generator must be on the device of {owner} ({device}), got {value.device}")
+    return value
+
+
 def check_bool(op: str, name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")

@@ -42,6 +42,7 @@ from ._checks import (
     INDEX_DTYPES,
     check_bool,
     check_float_tensor,
+    check_generator,
     check_index_range,
     check_int,
     check_tensor,
@@ -175,8 +176,7 @@ class ClassMemoryBank(nn.Module):
 
     def _priority(self, priority: object, generator: object, shape: torch.Size, device: torch.device) -> Tensor:
         if priority is None:
-            if generator is not None and not isinstance(generator, torch.Generator):
-                raise TypeError(f"{OP}.enqueue: generator must be a torch.Generator, got {type(generator).__name__}")
+            generator = check_generator(f"{OP}.enqueue", generator, device, "embedding")
             return torch.rand(shape, generator=generator, device=device).view(shape[0], -1)
         t = check_tensor(OP, "priority", priority)
         if not t.is_floating_point() or t.shape != shape or t.device != device:

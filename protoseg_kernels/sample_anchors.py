@@ -25,6 +25,7 @@ from ._checks import (
     INDEX_DTYPES,
     check_bool,
     check_class_ids,
+    check_generator,
     check_int,
     check_tensor,
     sanitize_class_ids,
@@ -68,16 +69,6 @@ def _check_priority(priority: object, labels: Tensor, validate: bool) -> Tensor:
     if validate and t.numel() and bool(torch.isnan(t).any()):
         raise ValueError(f"{OP}: priority must not hold NaN (NaN has no place in an order)")
     return t
-
-
-def _check_generator(generator: object, device: torch.device) -> torch.Generator | None:
-    if generator is None:
-        return None
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"{OP}: generator must be a torch.Generator, got {type(generator).__name__}")
-    if generator.device.type != device.type:
-        raise ValueError(f"{OP}: generator must be on the device of labels ({device}), got {generator.device}")
-    return generator
 
 
 def _sort_keys(labels: Tensor, predictions: Tensor) -> Tensor:
@@ -130,7 +121,7 @@ def sample_anchors(
     max_views = check_int(OP, "max_views", max_views, minimum=1)
     ignore_index = check_int(OP, "ignore_index", ignore_index)
     validate = check_bool(OP, "validate", validate)
-    generator = _check_generator(generator, labels.device)
+    generator = check_generator(OP, generator, labels.device, "labels")
     if labels.shape[0] >= 2**29:
         raise ValueError(f"{OP}: labels must have fewer than 2**29 images, got {labels.shape[0]}")
     if priority is None:
