@@ -45,7 +45,7 @@ lint: install
 env: install
 	$(PY) -m protoseg_kernels.env
 
-# ProtoSeg vs a linear classifier on the embedded synthetic dataset, on the CPU.
+# The ProtoSeg, linear and ContrastiveSeg heads on the embedded synthetic dataset, on the CPU.
 # Passive OpenMP waiting keeps torch's threads from spinning against other load.
 demo: install
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m protoseg.demo --out runs/demo

@@ -1,7 +1,8 @@
-"""ProtoSeg training on top of :mod:`protoseg_kernels`: the prototype head, its loss,
-backbones, datasets, a training/evaluation CLI with DDP, and figures."""
+"""ProtoSeg and ContrastiveSeg training on top of :mod:`protoseg_kernels`: the prototype
+head, the pixel-contrast head, their loss, backbones, datasets, a training/evaluation CLI with DDP, and figures."""
 
 from .backbones import FeatureMapBackbone, SmallCNN, torchvision_resnet
+from .contrast_head import ContrastHead
 from .head import HeadOutput, ProtoSegHead
 from .labels import downsample_labels
 from .linear_head import LinearHead
@@ -9,6 +10,6 @@ from .loss import LossTerms, PixelPrototypeCELoss
 from .model import SegmentationModel, build_model
 
 __all__ = [
-    "FeatureMapBackbone", "HeadOutput", "LinearHead", "LossTerms", "PixelPrototypeCELoss", "ProtoSegHead",
-    "SegmentationModel", "SmallCNN", "build_model", "downsample_labels", "torchvision_resnet",
+    "ContrastHead", "FeatureMapBackbone", "HeadOutput", "LinearHead", "LossTerms", "PixelPrototypeCELoss",
+    "ProtoSegHead", "SegmentationModel", "SmallCNN", "build_model", "downsample_labels", "torchvision_resnet",
 ]

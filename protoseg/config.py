@@ -35,7 +35,7 @@ class ModelConfig:
     width: int = _positive(32)  # small_cnn channel width
     output_stride: int = _choice(8, 8, 16, 32)  # ResNet backbones
     pretrained: bool = False  # ResNet: torchvision's ImageNet weights (downloads them)
-    head: str = _choice("protoseg", "protoseg", "linear")
+    head: str = _choice("protoseg", "protoseg", "linear", "contrast")
     num_prototypes: int = _positive(10)
     embed_dim: Optional[int] = _positive(None)  # None: the backbone's channels
     projection: str = _choice("mlp", "mlp", "linear", "none")
@@ -44,8 +44,17 @@ class ModelConfig:
     sinkhorn_epsilon: float = _positive(0.05)
     sinkhorn_iterations: int = _positive(3, strict=False)
     assignment: Optional[str] = _choice(None, None, "argmax", "gumbel")
-    compat: Optional[str] = _choice(None, None, "protoseg")
+    compat: Optional[str] = _choice(None, None, "protoseg", "contrastiveseg")
     warmup_iters: int = _positive(0, strict=False)
+    # head=contrast (ContrastiveSeg, docs/spec.md §10, §12); embed_dim None means 256 there
+    contrast_set: str = _choice("in_batch", "in_batch", "bank")
+    contrast_anchors: str = _choice("sampled", "sampled", "dense")
+    contrast_temperature: float = _positive(0.1)
+    contrast_base_temperature: float = _positive(0.07)
+    max_samples: int = _positive(1024)
+    max_views: int = _positive(100)
+    memory_size: int = _positive(5000)
+    pixels_per_class: int = _positive(10)
 
 
 @dataclass
@@ -70,6 +79,7 @@ class LossConfig:
     ppc_weight: float = _positive(0.01, strict=False)
     ppd_weight: float = _positive(0.001, strict=False)
     class_weights: Optional[list] = None
+    contrast_weight: float = _positive(0.1, strict=False)  # λ of the pixel contrast (head=contrast)
 
 
 @dataclass
@@ -178,8 +188,16 @@ def _check_consistency(config: Config) -> None:
     if config.data.dataset != "synthetic" and not config.data.root:
         name = config.data.dataset
         raise ConfigError(f"data.root must name the {name} folder (data.dataset={name!r})")
-    if config.model.compat is not None and config.model.assignment == "argmax":
+    model = config.model
+    if model.compat == "protoseg" and model.assignment == "argmax":
         raise ConfigError("model.compat='protoseg' uses the Gumbel assignment; remove model.assignment=argmax")
+    compat_heads = {"protoseg": "protoseg", "contrastiveseg": "contrast"}
+    if model.compat is not None and model.head != compat_heads[model.compat]:
+        raise ConfigError(f"model.compat={model.compat!r} needs model.head={compat_heads[model.compat]!r}, "
+                          f"got {model.head!r}")
+    if model.compat == "contrastiveseg" and model.contrast_set != "bank":
+        raise ConfigError("model.compat='contrastiveseg' reproduces the original memory bank; "
+                          "it needs model.contrast_set=bank")
 
 
 def _flatten(mapping: Any, source: str) -> dict:

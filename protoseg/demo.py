@@ -1,9 +1,10 @@
-"""``python -m protoseg.demo`` (``make demo``): ProtoSeg against a linear classifier.
+"""``python -m protoseg.demo`` (``make demo``): every head of the package side by side.
 
-Trains the small CNN with the ProtoSeg head, then the same backbone with a 1×1 conv
-classifier on the same schedule (packaged config ``demo``), on the embedded
-synthetic scenes; prints both per-class IoU tables side by side and writes the
-checkpoints, logs and figures under ``--out`` (default ``runs/demo``).
+Trains the small CNN with each head on the same schedule (packaged config ``demo``), on
+the embedded synthetic scenes: ProtoSeg, a 1×1 conv classifier (linear), and ContrastiveSeg
+(the linear classifier plus a projection head trained with pixel contrast against the
+memory bank); prints their per-class IoU side by side and writes the checkpoints, logs
+and figures under ``--out`` (default ``runs/demo``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from .config import load_config
 from .evaluation import format_iou_table
 
-RUNS = {"ProtoSeg": "protoseg", "linear": "linear"}
+RUNS = {"ProtoSeg": "protoseg", "linear": "linear", "ContrastiveSeg": "contrast"}  # title: model.head
 
 
 def train_run(head: str, out: Path, extra: Sequence[str]) -> dict:
@@ -45,13 +46,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         results[title] = train_run(head, out, args.overrides)
     from .visualize import run as visualize
 
+    others = [f"{title}={out / head / 'log.jsonl'}" for title, head in RUNS.items() if head != "protoseg"]
     figures = visualize([str(out / "protoseg" / "last.pt"), "--out", str(out / "figures"), "--label", "ProtoSeg",
-                         "--compare", f"linear={out / 'linear' / 'log.jsonl'}"])
+                         *(arg for other in others for arg in ("--compare", other))])
+    figures += visualize([str(out / "contrast" / "last.pt"), "--out", str(out / "figures" / "contrast"),
+                          "--label", "ContrastiveSeg"])
     class_names = list(results["ProtoSeg"]["iou"])
     print("\nValidation IoU (%), same backbone and schedule:")
     print(format_iou_table(class_names, results))
     print("\nfigures:\n" + "\n".join(f"  {path}" for path in figures))
-    print(f"checkpoints: {out / 'protoseg' / 'last.pt'}, {out / 'linear' / 'last.pt'}")
+    print("checkpoints: " + ", ".join(str(out / head / "last.pt") for head in RUNS.values()))
     print(f"total time: {time.perf_counter() - start:.0f} s")
     return 0
 

@@ -4,7 +4,8 @@
   similarity of every pixel to each of that class's K prototypes, and which
   prototype each pixel of the class is closest to (the paper's Fig. 3);
 * :func:`plot_embedding_projection`: a 2-D PCA projection of pixel embeddings and
-  prototypes of a few classes (the paper's Fig. 5);
+  prototypes of a few classes (the paper's Fig. 5; a contrast head has no prototypes:
+  its pixel embeddings only);
 * :func:`plot_training_curves`: losses and validation mIoU of one or more runs.
 """
 
@@ -23,6 +24,7 @@ from torch.utils.data import Dataset
 
 import protoseg_kernels as pk
 
+from .contrast_head import ContrastHead
 from .data.transforms import denormalize_image
 from .head import ProtoSegHead
 from .labels import downsample_labels
@@ -33,17 +35,21 @@ from .model import SegmentationModel
 CLASS_COLOURS = colormaps["tab10"]
 
 
-def _head(model: SegmentationModel) -> ProtoSegHead:
-    if not isinstance(model.head, ProtoSegHead):
-        raise ValueError(f"this figure needs a ProtoSeg head, the model has {type(model.head).__name__}")
+def _head(model: SegmentationModel, kinds: tuple[type, ...] = (ProtoSegHead,)) -> ProtoSegHead | ContrastHead:
+    if not isinstance(model.head, kinds):
+        wanted = " or ".join(kind.__name__ for kind in kinds)
+        raise ValueError(f"this figure needs a {wanted}, the model has {type(model.head).__name__}")
     return model.head
+
+
+EMBEDDING_HEADS = (ProtoSegHead, ContrastHead)  # heads with an ``embed`` of unit-norm pixels
 
 
 @torch.no_grad()
 def pixel_embeddings(model: SegmentationModel, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
     """Unit-norm embeddings [b·h·w, D] of images [b, 3, H, W] and the feature size (h, w)."""
     features = model.backbone(images)
-    return _head(model).embed(features), tuple(features.shape[-2:])
+    return _head(model, EMBEDDING_HEADS).embed(features), tuple(features.shape[-2:])
 
 
 def images_with_class(dataset: Dataset, class_index: int, count: int, scan: int = 200) -> list[int]:
@@ -121,27 +127,31 @@ def plot_embedding_projection(
 ) -> Path:
     """Pixel embeddings (dots) and prototypes (stars) of ``class_indices``, projected
     on the two principal components of the pixels."""
-    head = _head(model)
+    head = _head(model, EMBEDDING_HEADS)
+    has_prototypes = isinstance(head, ProtoSegHead)
     class_indices = list(class_indices)
     x, classes = _sample_pixels(model, dataset, class_indices, pixels_per_class, scan, seed)
-    prototypes = F.normalize(head.prototypes[class_indices], dim=-1)  # [n, K, D]
     mean = x.mean(dim=0)
     _, _, components = torch.linalg.svd(x - mean, full_matrices=False)
     axes2d = components[:2].t()
     points = (x - mean) @ axes2d
-    centres = (prototypes.reshape(-1, x.shape[1]) - mean) @ axes2d
+    if has_prototypes:
+        prototypes = F.normalize(head.prototypes[class_indices], dim=-1)  # [n, K, D]
+        centres = (prototypes.reshape(-1, x.shape[1]) - mean) @ axes2d
     figure = Figure(figsize=(6.5, 5.5))
     axis = figure.subplots()
     for slot, c in enumerate(class_indices):
         colour = CLASS_COLOURS(slot % 10)
         mine = classes == c
         axis.scatter(points[mine, 0], points[mine, 1], s=5, alpha=0.35, color=colour, label=class_names[c])
-        rows = slice(slot * head.num_prototypes, (slot + 1) * head.num_prototypes)
-        axis.scatter(centres[rows, 0], centres[rows, 1], s=220, marker="*", color=colour, edgecolors="black",
-                     linewidths=1.0)
+        if has_prototypes:
+            rows = slice(slot * head.num_prototypes, (slot + 1) * head.num_prototypes)
+            axis.scatter(centres[rows, 0], centres[rows, 1], s=220, marker="*", color=colour,
+                         edgecolors="black", linewidths=1.0)
     axis.set_xlabel("principal component 1")
     axis.set_ylabel("principal component 2")
-    axis.set_title("Pixel embeddings (dots) and prototypes (stars), PCA")
+    axis.set_title("Pixel embeddings (dots) and prototypes (stars), PCA" if has_prototypes
+                   else "Pixel embeddings of the contrast head, PCA")
     axis.legend(markerscale=3, fontsize=8, loc="best")
     return _save(figure, path)
 

@@ -54,12 +54,14 @@ class HeadOutput(NamedTuple):
     ``seg``: logits [b, C, h, w] at feature resolution. ``ppc``/``ppd``: scalar
     losses when prototypes were learned in this forward, else None. ``target``:
     [N] flat prototype index c·K + k of each pixel (-1 unlabelled), or None.
+    ``contrast``: the pixel-contrast loss of a contrast head in training, else None.
     """
 
     seg: Tensor
     ppc: Tensor | None = None
     ppd: Tensor | None = None
     target: Tensor | None = None
+    contrast: Tensor | None = None
 
 
 def build_projection(kind: str, in_channels: int, embed_dim: int) -> nn.Module:

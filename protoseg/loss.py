@@ -1,4 +1,5 @@
-"""``PixelPrototypeCELoss``: segmentation cross-entropy + weighted PPC + PPD (docs/spec.md §8.7)."""
+"""``PixelPrototypeCELoss``: segmentation cross-entropy + weighted PPC + PPD (docs/spec.md §8.7)
+and, for a contrast head, + λ·pixel contrast (docs/spec.md §12)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ from .head import HeadOutput
 
 
 class LossTerms(NamedTuple):
-    """``loss`` = ``ce`` + ppc_weight·``ppc`` + ppd_weight·``ppd`` (unweighted terms;
-    ``ppc``/``ppd`` are zero when the head learned no prototypes in that step)."""
+    """``loss`` = ``ce`` + ppc_weight·``ppc`` + ppd_weight·``ppd`` + contrast_weight·``contrast``
+    (unweighted terms; a term is zero when the head did not compute it in that step)."""
 
     loss: Tensor
     ce: Tensor
     ppc: Tensor
     ppd: Tensor
+    contrast: Tensor
 
 
 def upsample_logits(seg: Tensor, size: Sequence[int]) -> Tensor:
@@ -30,11 +32,14 @@ def upsample_logits(seg: Tensor, size: Sequence[int]) -> Tensor:
 
 
 class PixelPrototypeCELoss(nn.Module):
-    """CE on the logits upsampled to the label size, plus PPC and PPD from the head.
+    """CE on the logits upsampled to the label size, plus the head's PPC, PPD and pixel
+    contrast losses.
 
     Args:
         ppc_weight, ppd_weight: weights of the PPC and PPD terms (0.01 and 0.001 in
             the original code).
+        contrast_weight: λ of the pixel contrast (ContrastiveSeg: 0.1 in-batch, 1 with
+            the memory bank).
         ignore_index: label of unlabelled pixels.
         class_weights: optional per-class CE weights (the mean is then weighted, as
             ``F.cross_entropy`` does).
@@ -49,13 +54,16 @@ class PixelPrototypeCELoss(nn.Module):
         ppd_weight: float = 0.001,
         ignore_index: int = 255,
         class_weights: Sequence[float] | Tensor | None = None,
+        contrast_weight: float = 0.1,
     ) -> None:
         super().__init__()
-        for name, value in (("ppc_weight", ppc_weight), ("ppd_weight", ppd_weight)):
+        weights_given = (("ppc_weight", ppc_weight), ("ppd_weight", ppd_weight), ("contrast_weight", contrast_weight))
+        for name, value in weights_given:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         self.ppc_weight = float(ppc_weight)
         self.ppd_weight = float(ppd_weight)
+        self.contrast_weight = float(contrast_weight)
         self.ignore_index = int(ignore_index)
         weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
         if weights is not None and (weights.dim() != 1 or not bool((weights >= 0).all())):
@@ -68,10 +76,11 @@ class PixelPrototypeCELoss(nn.Module):
         seg = output if isinstance(output, Tensor) else output.seg
         ce = self.cross_entropy(seg, labels)
         zero = ce.new_zeros(())
-        ppc = zero if isinstance(output, Tensor) or output.ppc is None else output.ppc
-        ppd = zero if isinstance(output, Tensor) or output.ppd is None else output.ppd
-        loss = ce + self.ppc_weight * ppc + self.ppd_weight * ppd
-        return LossTerms(loss, ce, ppc, ppd)
+        head = None if isinstance(output, Tensor) else output
+        ppc, ppd, contrast = (zero if head is None or getattr(head, name) is None else getattr(head, name)
+                              for name in ("ppc", "ppd", "contrast"))
+        loss = ce + self.ppc_weight * ppc + self.ppd_weight * ppd + self.contrast_weight * contrast
+        return LossTerms(loss, ce, ppc, ppd, contrast)
 
     def cross_entropy(self, seg: Tensor, labels: Tensor) -> Tensor:
         num_classes = seg.shape[1]

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .backbones import SmallCNN, torchvision_resnet
+from .contrast_head import ContrastHead
 from .head import HeadOutput, ProtoSegHead
 from .linear_head import LinearHead
 
@@ -40,6 +41,15 @@ def build_head(config, in_channels: int, num_classes: int, ignore_index: int,
                process_group: Any | None = None) -> nn.Module:
     if config.head == "linear":
         return LinearHead(in_channels, num_classes)
+    if config.head == "contrast":
+        return ContrastHead(
+            in_channels, num_classes, config.embed_dim or 256, contrast_set=config.contrast_set,
+            anchors=config.contrast_anchors, temperature=config.contrast_temperature,
+            base_temperature=config.contrast_base_temperature, max_samples=config.max_samples,
+            max_views=config.max_views, memory_size=config.memory_size, pixels_per_class=config.pixels_per_class,
+            compat=config.compat, warmup_iters=config.warmup_iters, ignore_index=ignore_index,
+            process_group=process_group,
+        )
     return ProtoSegHead(
         in_channels, num_classes, config.num_prototypes, config.embed_dim, projection=config.projection,
         momentum=config.momentum, temperature=config.temperature, sinkhorn_epsilon=config.sinkhorn_epsilon,

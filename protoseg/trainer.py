@@ -75,7 +75,7 @@ class Trainer:
         if self.context.group is not None and self.device.type == "cuda":
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.loss_fn = PixelPrototypeCELoss(config.loss.ppc_weight, config.loss.ppd_weight, IGNORE_INDEX,
-                                            config.loss.class_weights).to(self.device)
+                                            config.loss.class_weights, config.loss.contrast_weight).to(self.device)
         self.optimizer = build_optimizer(config.optim, self.model.parameters())
         self.scheduler = poly_schedule(self.optimizer, config.optim.iters, config.optim.poly_power)
         self.amp_dtype = self._amp_dtype()
@@ -162,6 +162,10 @@ class Trainer:
             terms = self.loss_fn(output, labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(terms.loss).backward()
+        # A memory-bank head enqueues this batch now: its loss reread the bank in backward.
+        update_memory = getattr(self.model.head, "update_memory", None)
+        if update_memory is not None:
+            update_memory()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()

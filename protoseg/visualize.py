@@ -4,11 +4,11 @@ Writes, next to the checkpoint (or under ``--out``):
 
 * ``similarity_<class>.png``: similarity maps of validation images to each prototype
   of a class (``--class``; default: the most frequent class after the most frequent);
-* ``embedding_pca.png``: pixel embeddings and prototypes of a few classes in 2-D;
+* ``embedding_pca.png``: pixel embeddings (and prototypes) of a few classes in 2-D;
 * ``curves.png``: losses and validation mIoU from the run's ``log.jsonl``
   (``--compare NAME=LOG`` adds other runs).
 
-A linear-head checkpoint gets the curves only.
+A contrast-head checkpoint gets the projection and the curves; a linear-head one the curves only.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import model_from_checkpoint
+from .contrast_head import ContrastHead
 from .data import build_datasets
 from .head import ProtoSegHead
 
@@ -78,11 +79,12 @@ def run(argv: Sequence[str] | None = None) -> list[Path]:
     label = args.label or config.model.head
     logs = {label: checkpoint.parent / "log.jsonl", **_compare_logs(args.compare)}
     written = [figures.plot_training_curves(logs, out / "curves.png")]
-    if not isinstance(model.head, ProtoSegHead):
+    if not isinstance(model.head, (ProtoSegHead, ContrastHead)):
         return written
     dataset = build_datasets(config.data, seed=config.train.seed).val
     frequency = class_frequencies(dataset, len(class_names))
-    for c in _resolve_classes(args.class_names, class_names, frequency):
+    similarity_classes = _resolve_classes(args.class_names, class_names, frequency)
+    for c in similarity_classes if isinstance(model.head, ProtoSegHead) else ():
         safe = class_names[c].replace(" ", "_").replace("/", "_")
         written.append(figures.plot_similarity_maps(model, dataset, c, class_names[c],
                                                     out / f"similarity_{safe}.png", args.images))

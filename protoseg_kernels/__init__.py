@@ -14,12 +14,15 @@ with fake implementations and autograd:
 * :func:`gumbel_index` — the original code's Gumbel assignment (compatibility)
 * :func:`pixel_contrast_loss` — ContrastiveSeg's supervised pixel contrast (in-batch or
   against a memory bank)
+* :func:`sample_anchors` — ContrastiveSeg's hard-anchor sampling, fixed-size, on the device
+* :class:`ClassMemoryBank` — ContrastiveSeg's per-class segment and pixel queues
 
 Backends: ``reference``, ``cpu``, ``triton``, ``cuda`` (see
 :func:`available_backends`, :func:`use_backend` and ``$PROTOSEG_BACKEND``).
 """
 
 from ._backend import available_backends, use_backend
+from .class_memory_bank import ClassMemoryBank
 from .class_scores import (
     ScoresWithIndex,
     ScoresWithIndexAndLse,
@@ -30,6 +33,7 @@ from .gumbel_index import gumbel_index
 from .pixel_contrast_loss import pixel_contrast_loss
 from .ppc_ppd_loss import PpcPpdLoss, ppc_ppd_loss
 from .prototype_similarity import prototype_similarity
+from .sample_anchors import AnchorSample, sample_anchors
 from .sinkhorn_assign import SinkhornResult, sinkhorn_assign
 from .target_similarity import target_similarity
 from .update_prototypes import PrototypeUpdate, update_prototypes
@@ -37,6 +41,8 @@ from .update_prototypes import PrototypeUpdate, update_prototypes
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnchorSample",
+    "ClassMemoryBank",
     "PpcPpdLoss",
     "PrototypeUpdate",
     "ScoresWithIndex",
@@ -49,6 +55,7 @@ __all__ = [
     "pixel_contrast_loss",
     "ppc_ppd_loss",
     "prototype_similarity",
+    "sample_anchors",
     "sinkhorn_assign",
     "target_similarity",
     "update_prototypes",

@@ -95,6 +95,17 @@ def check_mask(op: str, value: object, length: int, device: torch.device) -> tor
     return t
 
 
+def check_generator(op: str, value: object, device: torch.device, owner: str) -> torch.Generator | None:
+    """None, or a ``torch.Generator`` on the device type of argument ``owner`` (``device``)."""
+    if value is None:
+        return None
+    if not isinstance(value, torch.Generator):
+        raise TypeError(f"{op}: generator must be a torch.Generator or None, got {type(value).__name__}")
+    if value.device.type != device.type:
+        raise ValueError(f"{op}: generator must be on the device of {owner} ({device}), got {value.device}")
+    return value
+
+
 def check_bool(op: str, name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")
@@ -159,7 +170,7 @@ def check_index_range(
         return
     bad = (index != ignore_index) & ((index < 0) | (index >= upper))
     if bool(bad.any()):
-        first = int(index[bad.nonzero()[0, 0]])
+        first = int(index[bad][0])  # boolean indexing flattens: any shape
         raise ValueError(
             f"{op}: {name} must hold {meaning} in [0, {upper}) or ignore_index={ignore_index}, "
             f"found {first} (pass validate=False to treat out-of-range values as ignored)"
@@ -173,7 +184,7 @@ def check_class_ids(op: str, name: str, labels: torch.Tensor, ignore_index: int)
         return
     bad = (labels != ignore_index) & (labels < 0)
     if bool(bad.any()):
-        first = int(labels[bad.nonzero()[0, 0]])
+        first = int(labels[bad][0])
         raise ValueError(
             f"{op}: {name} must hold class ids >= 0 or ignore_index={ignore_index}, found {first} "
             "(pass validate=False to treat negative values as ignored)"

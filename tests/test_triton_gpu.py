@@ -148,3 +148,37 @@ def test_head_step_without_host_synchronisation(preset_case):
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert torch.isfinite(x.grad.float()).all()
+
+
+def test_contrastiveseg_step_without_host_synchronisation():
+    """Sampling, the fused loss against the bank, backward and the enqueue at the
+    Cityscapes sizes (docs/spec.md §10.2, §10.3, §12); the sample equals the CPU one."""
+    g = torch.Generator().manual_seed(0)
+    batch, dim, classes, h, w = 2, 256, 19, 64, 128
+    labels = torch.randint(0, classes, (batch, h, w), generator=g)
+    labels[torch.rand(batch, h, w, generator=g) < 0.1] = -1
+    prediction = torch.where(torch.rand(batch, h, w, generator=g) < 0.7, labels.clamp_min(0),
+                             torch.randint(0, classes, (batch, h, w), generator=g))
+    priority = torch.rand(batch, h * w, generator=g)
+    cpu_sample = pk.sample_anchors(labels.view(batch, -1), prediction.view(batch, -1), priority=priority)
+    embedding = torch.nn.functional.normalize(torch.randn(batch, dim, h, w, generator=g), dim=1).cuda()
+    embedding.requires_grad_()
+    labels, prediction, priority = labels.cuda(), prediction.cuda(), priority.cuda()
+    memory = pk.ClassMemoryBank(classes, 5000, dim, device="cuda")
+    memory.enqueue(embedding.detach(), labels, validate=False)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sample = pk.sample_anchors(labels.view(batch, -1), prediction.view(batch, -1), priority=priority,
+                                   validate=False)
+        pixels = embedding.permute(0, 2, 3, 1).reshape(-1, dim)
+        bank, bank_labels = memory.contrast_set()
+        loss = pk.pixel_contrast_loss(pixels[sample.index.clamp_min(0)], sample.labels, bank, bank_labels,
+                                      temperature=0.07, base_temperature=0.07, validate=False)
+        loss.backward()
+        memory.enqueue(embedding.detach(), labels, validate=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert torch.equal(sample.index.cpu(), cpu_sample.index)
+    assert torch.isfinite(embedding.grad).all() and loss.item() > 0
