@@ -290,3 +290,11 @@ def test_suites_size_the_presets(device):
     assert not memory.sweep and not memory.ops and not memory.compile_presets
     with pytest.raises(ValueError, match="suite must be one of"):
         build_suite("huge", device)
+
+
+def test_fused_contrast_step_uses_public_names_only():
+    """The benchmark's fused ContrastiveSeg step is what a user writes (docs/spec.md §10)."""
+    used, imported = _public_op_uses(REPO_ROOT / "benchmarks/contrast_step.py")
+    assert {"sample_anchors", "pixel_contrast_loss", "ClassMemoryBank"} <= used
+    assert used <= set(pk.__all__), f"non-public names: {used - set(pk.__all__)}"
+    assert not [m for m in imported if m.startswith("protoseg_kernels.")]
