@@ -1,36 +1,129 @@
-"""Checkpoints: atomic save, load with clear errors, and rebuilding a model from one."""
+"""Checkpoints: atomic, checksummed save; load that refuses a corrupt file, naming it; and
+rebuilding a model from one. Also the atomic file writes the trainer uses for its logs.
+
+A checkpoint is a ``torch.save`` dict (``torch.load`` reads it as usual) holding, besides
+the training state, ``format_version`` and ``checksum``: the SHA-256 of every key, value
+and tensor byte of the state, in a fixed order. ``load_checkpoint`` recomputes it, so a
+flipped bit in a weight is refused instead of resuming with a changed model.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import Config, build_config
+from .config import Config, ConfigError, build_config
 from .data import IGNORE_INDEX
 from .model import SegmentationModel, build_model
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+UNCHECKED_FORMATS = (1,)  # written before checksums: loaded without verification
+REQUIRED_KEYS = ("config", "class_names", "model")
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` atomically (a crash never leaves a torn file)."""
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: unreadable, foreign, incomplete or corrupt."""
+
+
+def _fsync_directory(path: Path) -> None:
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:  # a platform without directory descriptors
+        return
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new
+    one, never a torn one: a sibling temporary file, fsync, rename, fsync of the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    torch.save({"format_version": FORMAT_VERSION, **state}, partial)
+    with partial.open("wb") as stream:
+        stream.write(data)
+        stream.flush()
+        os.fsync(stream.fileno())
     os.replace(partial, path)
+    _fsync_directory(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def _feed(digest: Any, value: Any) -> None:
+    """Hash ``value`` (dicts, sequences, tensors, scalars) in a fixed traversal order."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous().reshape(-1)  # 1-D: a 0-d tensor has no byte view
+        digest.update(f"tensor {t.dtype} {tuple(value.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(value, dict):
+        digest.update(f"dict {len(value)}|".encode())
+        for key in sorted(value, key=repr):
+            digest.update(f"{key!r}:".encode())
+            _feed(digest, value[key])
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{type(value).__name__} {len(value)}|".encode())
+        for item in value:
+            _feed(digest, item)
+    else:
+        digest.update(f"{type(value).__name__} {value!r}|".encode())
+
+
+def checksum(state: dict[str, Any]) -> str:
+    """SHA-256 of a checkpoint's state (without its ``checksum`` entry)."""
+    digest = hashlib.sha256()
+    _feed(digest, {k: v for k, v in state.items() if k != "checksum"})
+    return digest.hexdigest()
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically, with its checksum."""
+    state = {"format_version": FORMAT_VERSION, **state}
+    buffer = io.BytesIO()
+    torch.save({**state, "checksum": checksum(state)}, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _refuse(path: Path, problem: str) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {path} {problem}; it cannot be used: point train.resume at another checkpoint, "
+        "or move it away to start afresh"
+    )
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The state saved by :func:`save_checkpoint`; :class:`CheckpointError` (naming the file)
+    for an empty, truncated, foreign, incomplete or corrupt one."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    state = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path} is not a protoseg training checkpoint (format {FORMAT_VERSION})")
+    if path.stat().st_size == 0:
+        raise _refuse(path, "is empty")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises zip, pickle and EOF errors of many kinds
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise _refuse(path, f"cannot be read (truncated or not a checkpoint: {type(exc).__name__}: "
+                            f"{first_line})") from exc
+    if not isinstance(state, dict) or "format_version" not in state:
+        raise _refuse(path, "is not a protoseg training checkpoint")
+    version = state["format_version"]
+    if version != FORMAT_VERSION and version not in UNCHECKED_FORMATS:
+        raise _refuse(path, f"has format {version!r}, this protoseg reads {FORMAT_VERSION}")
+    missing = [key for key in REQUIRED_KEYS if key not in state]
+    if missing:
+        raise _refuse(path, f"lacks {', '.join(missing)}")
+    if version == FORMAT_VERSION and state.get("checksum") != checksum(state):
+        raise _refuse(path, "is corrupt (its content does not match its checksum)")
     return state
 
 
@@ -39,7 +132,10 @@ def model_from_checkpoint(
 ) -> tuple[SegmentationModel, Config, tuple[str, ...], dict[str, Any]]:
     """(model in eval mode, its config, class names, the raw checkpoint)."""
     state = load_checkpoint(path)
-    config = build_config(state["config"], source=str(path))
+    try:
+        config = build_config(state["config"], source=str(path))
+    except ConfigError as exc:
+        raise _refuse(Path(path), f"holds a config this protoseg does not accept ({exc})") from exc
     class_names = tuple(state["class_names"])
     model = build_model(config.model, len(class_names), IGNORE_INDEX)
     model.load_state_dict(state["model"])

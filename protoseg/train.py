@@ -1,9 +1,9 @@
 """``python -m protoseg.train [CONFIG] [section.key=value ...]`` (``protoseg-train``).
 
-Trains a segmentation model (ProtoSeg head or the linear baseline), evaluating
+Trains a segmentation model (ProtoSeg head, ContrastiveSeg head or the linear baseline), evaluating
 per-class IoU and mIoU, writing ``log.jsonl``, ``metrics.json`` and ``last.pt``
 under ``train.output_dir``. CONFIG is a YAML file or the name of a packaged
-config (``demo``, ``cityscapes``, ``ade20k``). Data-parallel on several processes
+config (``demo``, ``cityscapes``, ``ade20k``, ``cityscapes_contrast``, ...). Data-parallel on several processes
 with ``torchrun --nproc_per_node=N -m protoseg.train ...`` (NCCL on GPU, gloo on
 CPU).
 
@@ -22,6 +22,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from .checkpoint import CheckpointError
 from .config import ConfigError, load_config, packaged_config_names
 from .data import DatasetError
 
@@ -65,7 +66,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         run(argv)
-    except (ConfigError, DatasetError, FileNotFoundError) as exc:
+    except (ConfigError, DatasetError, CheckpointError, FileNotFoundError) as exc:
         print(f"protoseg-train: error: {exc}", file=sys.stderr)
         return 2
     return 0

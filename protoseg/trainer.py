@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -15,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError
 from .data import IGNORE_INDEX, EpochBatchSampler, build_datasets, pad_collate
 from .distributed import DistributedContext
@@ -27,7 +28,11 @@ LOSS_TERMS = LossTerms._fields
 
 
 class JsonLog:
-    """One JSON object per line (``log.jsonl``), written by the main process only."""
+    """One JSON object per line (``log.jsonl``), written by the main process only.
+
+    Each record is flushed to disk (fsync) as it is written, so after a crash the log holds
+    every record up to it; a torn last line, the only damage a crash can do, is dropped
+    when the run resumes."""
 
     def __init__(self, path: Path, enabled: bool) -> None:
         self.path, self.enabled = path, enabled
@@ -36,14 +41,25 @@ class JsonLog:
         if self.enabled:
             with self.path.open("a") as stream:
                 stream.write(json.dumps(record) + "\n")
+                stream.flush()
+                os.fsync(stream.fileno())
+
+    @staticmethod
+    def _parse(line: str) -> dict[str, Any] | None:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            return None
+        return record if isinstance(record, dict) else None
 
     def keep_until(self, iteration: int) -> None:
-        """Drop records past ``iteration`` (written after the checkpoint a run resumes from)."""
+        """Drop records past ``iteration`` (written after the checkpoint a run resumes from)
+        and any torn line; rewrites the file atomically."""
         if not self.enabled or not self.path.exists():
             return
         records = [line for line in self.path.read_text().splitlines()
-                   if line.strip() and json.loads(line).get("iter", 0) <= iteration]
-        self.path.write_text("".join(line + "\n" for line in records))
+                   if (record := self._parse(line)) is not None and record.get("iter", 0) <= iteration]
+        atomic_write_text(self.path, "".join(line + "\n" for line in records))
 
 
 def build_optimizer(config, parameters) -> torch.optim.Optimizer:
@@ -242,7 +258,7 @@ class Trainer:
             self.evaluate()
         self.save()
         if self.context.is_main:
-            (self.output_dir / "metrics.json").write_text(json.dumps(self.last_eval, indent=2) + "\n")
+            atomic_write_text(self.output_dir / "metrics.json", json.dumps(self.last_eval, indent=2) + "\n")
         return self.last_eval
 
     def _log_window(self, window: Tensor, steps: int, seconds: float) -> dict[str, Any]:

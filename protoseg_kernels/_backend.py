@@ -12,7 +12,9 @@ A backend is a module implementing kernels of the contract of
   ``device``; ``None`` if it can.
 
 Selection: ``use_backend(name)`` (innermost wins) overrides the environment
-variable ``PROTOSEG_BACKEND``, which overrides ``"auto"``. ``auto`` picks, for
+variable ``PROTOSEG_BACKEND``, which overrides ``"auto"``. The ``use_backend`` choice
+is a context variable: it holds for the thread (or asyncio task) that entered the
+``with`` block, and a new thread starts without it. ``auto`` picks, for
 CUDA tensors, triton, else cuda, else reference; for CPU tensors, cpu, else
 reference; always among the backends that implement the op in the inputs' dtype
 (float64 CUDA tensors go to cuda: triton does not compute in float64). A backend
@@ -23,6 +25,7 @@ named explicitly that cannot serve the device or lacks the op raises
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib
 import os
@@ -52,7 +55,8 @@ _AUTO_ORDER = {
     "cpu": ("cpu", "reference"),
 }
 
-_override_stack: list[str] = []
+# The use_backend choices in force, innermost last: per thread and per asyncio task.
+_overrides: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("protoseg_backend", default=())
 
 
 @functools.cache
@@ -89,19 +93,20 @@ def use_backend(name: str) -> Iterator[None]:
     """Run the ops inside the ``with`` block on backend ``name`` (or ``"auto"``).
 
     The choice is read when an op is called; under ``torch.compile`` it is read
-    once, at trace time.
+    once, at trace time. It applies to the calling thread (or asyncio task) only.
     """
-    _override_stack.append(_check_name(name, allow_auto=True))
+    token = _overrides.set(_overrides.get() + (_check_name(name, allow_auto=True),))
     try:
         yield
     finally:
-        _override_stack.pop()
+        _overrides.reset(token)
 
 
 def requested_backend() -> str:
     """The backend name asked for right now: use_backend, else $PROTOSEG_BACKEND, else auto."""
-    if _override_stack:
-        return _override_stack[-1]
+    overrides = _overrides.get()
+    if overrides:
+        return overrides[-1]
     name = os.environ.get(ENV_VAR, AUTO).strip() or AUTO
     if name not in (AUTO,) + BACKEND_NAMES:
         raise RuntimeError(

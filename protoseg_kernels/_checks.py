@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from ._op_utils import compute_dtype
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
@@ -126,10 +128,21 @@ def _check_real(op: str, name: str, value: object) -> float:
     return float(value)
 
 
-def check_positive_finite(op: str, name: str, value: object) -> float:
+def check_positive_finite(op: str, name: str, value: object, dtype: torch.dtype) -> float:
+    """A positive scale (a temperature, Sinkhorn's ε) that the op divides by and multiplies
+    with in its compute dtype (that of ``dtype`` inputs): it and its reciprocal must be
+    normal finite numbers there (fp32: about [2.9e-39, 8.5e37]), else the op would turn every
+    value into 0, inf or NaN."""
     v = _check_real(op, name, value)
     if not (math.isfinite(v) and v > 0):
         raise ValueError(f"{op}: {name} must be a positive finite number, got {value}")
+    info = torch.finfo(compute_dtype(dtype))
+    low, high = max(info.tiny, 1 / info.max), min(info.max, 1 / info.tiny)
+    if not low <= v <= high:
+        raise ValueError(
+            f"{op}: {name} must be in [{low:.3g}, {high:.3g}] for {dtype} inputs (it and its reciprocal "
+            f"must be normal {compute_dtype(dtype)} numbers), got {value}"
+        )
     return v
 
 

@@ -153,10 +153,10 @@ def class_scores(
     x, prototypes = check_features_and_prototypes(OP, x, prototypes)
     normalize = check_bool(OP, "normalize", normalize)
     reduction = check_choice(OP, "reduction", reduction, REDUCTIONS)
-    temperature = check_positive_finite(OP, "temperature", temperature)
+    temperature = check_positive_finite(OP, "temperature", temperature, x.dtype)
     return_index = check_bool(OP, "return_index", return_index)
     if lse_temperature is not None:
-        lse_temperature = check_positive_finite(OP, "lse_temperature", lse_temperature)
+        lse_temperature = check_positive_finite(OP, "lse_temperature", lse_temperature, x.dtype)
     scores, index, lse = _class_scores_op(
         x, prototypes, normalize, reduction, temperature, lse_temperature,
         resolve_backend(OP, x.device, x.dtype),

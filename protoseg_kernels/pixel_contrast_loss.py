@@ -233,8 +233,8 @@ def pixel_contrast_loss(
     anchors, anchor_labels, contrast, contrast_labels = _check_inputs(
         anchors, anchor_labels, contrast, contrast_labels
     )
-    temperature = check_positive_finite(OP, "temperature", temperature)
-    base_temperature = check_positive_finite(OP, "base_temperature", base_temperature)
+    temperature = check_positive_finite(OP, "temperature", temperature, anchors.dtype)
+    base_temperature = check_positive_finite(OP, "base_temperature", base_temperature, anchors.dtype)
     normalize = check_bool(OP, "normalize", normalize)
     denominator = check_choice(OP, "denominator", denominator, DENOMINATORS)
     ignore_index = check_int(OP, "ignore_index", ignore_index)

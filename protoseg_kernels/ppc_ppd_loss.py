@@ -186,7 +186,7 @@ def ppc_ppd_loss(
     x, prototypes = check_features_and_prototypes(OP, x, prototypes)
     target = check_index_tensor(OP, "target", target, x.shape[0], x.device)
     normalize = check_bool(OP, "normalize", normalize)
-    temperature = check_positive_finite(OP, "temperature", temperature)
+    temperature = check_positive_finite(OP, "temperature", temperature, x.dtype)
     ignore_index = check_int(OP, "ignore_index", ignore_index)
     reduction = check_choice(OP, "reduction", reduction, REDUCTIONS)
     validate = check_bool(OP, "validate", validate)

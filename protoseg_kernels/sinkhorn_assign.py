@@ -122,7 +122,7 @@ def sinkhorn_assign(
     x, prototypes = check_features_and_prototypes(OP, x, prototypes)
     labels = check_index_tensor(OP, "labels", labels, x.shape[0], x.device)
     normalize = check_bool(OP, "normalize", normalize)
-    epsilon = check_positive_finite(OP, "epsilon", epsilon)
+    epsilon = check_positive_finite(OP, "epsilon", epsilon, x.dtype)
     iterations = check_int(OP, "iterations", iterations, minimum=0)
     ignore_index = check_int(OP, "ignore_index", ignore_index)
     return_q = check_bool(OP, "return_q", return_q)

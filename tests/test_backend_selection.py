@@ -37,10 +37,50 @@ def test_use_backend_nests_and_restores():
 
 
 def test_use_backend_restores_after_exception():
-    depth = len(_backend._override_stack)
+    before = _backend._overrides.get()
     with pytest.raises(KeyError), pk.use_backend("reference"):
         raise KeyError
-    assert len(_backend._override_stack) == depth
+    assert _backend._overrides.get() == before
+
+
+def test_use_backend_holds_for_its_own_thread_only():
+    """Two threads, each inside its own use_backend, interleaved by barriers: each sees
+    its own choice, a third thread sees none, and each computes its backend's result."""
+    import threading
+
+    case = make_case(67, 13, 5, 4, seed=3, dtype=torch.float32)
+    expected = {name: None for name in ("reference", "triton", "cpu") if name in pk.available_backends()}
+    barrier = threading.Barrier(len(expected) + 1)
+    seen, errors = {}, []
+
+    def worker(name):
+        try:
+            with pk.use_backend(name):
+                barrier.wait()  # every thread is inside its with block now
+                for _ in range(3):
+                    seen.setdefault(name, set()).add(_backend.requested_backend())
+                    expected[name] = pk.class_scores(case.x, case.prototypes, return_index=True)
+                barrier.wait()
+        except Exception as exc:  # reported below, with the thread's backend
+            errors.append(f"{name}: {type(exc).__name__}: {exc}")
+            barrier.abort()
+
+    def bystander():
+        barrier.wait()
+        seen["bystander"] = {_backend.requested_backend()}
+        barrier.wait()
+
+    threads = [threading.Thread(target=worker, args=(name,)) for name in expected]
+    threads.append(threading.Thread(target=bystander))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors, errors
+    assert seen == {**{name: {name} for name in expected}, "bystander": {os.environ.get("PROTOSEG_BACKEND", "auto")}}
+    reference = expected["reference"]
+    for name, result in expected.items():
+        torch.testing.assert_close(result.scores, reference.scores, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_unknown_backend_name():

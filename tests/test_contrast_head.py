@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from protoseg_fixtures import single_thread  # noqa: F401 (autouse fixture)
 
 import protoseg_kernels as pk
-from protoseg import ContrastHead, train
+from protoseg import ContrastHead, train, visualize
 from protoseg.checkpoint import load_checkpoint
 from protoseg.config import ConfigError, load_config
 from protoseg.contrast_compat import original_enqueue
@@ -165,6 +165,9 @@ def test_cli_trains_the_contrast_head(tmp_path, capsys):
     assert records[0]["contrast"] == 0 and all(r["contrast"] > 0 for r in records[1:])
     state = load_checkpoint(run_dir / "last.pt")["model"]
     assert (state["head.bank.labels"] != IGNORE).any() and state["head.bank.pointers"].sum() > 0
+    written = visualize.run([str(run_dir / "last.pt"), "--out", str(tmp_path / "figures")])
+    assert sorted(p.name for p in written) == ["curves.png", "embedding_pca.png"]
+    assert all(p.stat().st_size > 10_000 for p in written)
 
 
 class Interrupted(Exception):

@@ -190,3 +190,32 @@ def test_integer_dtypes_accepted_for_indices():
     assert torch.equal(a.index, b.index)
     loss = pk.ppc_ppd_loss(g["x"], g["prototypes"], g["target"].to(torch.int16))
     assert torch.isfinite(loss.ppc)
+
+
+SCALES = [("class_scores", "temperature"), ("class_scores", "lse_temperature"), ("ppc_ppd_loss", "temperature"),
+          ("sinkhorn_assign", "epsilon")]
+
+
+@pytest.mark.parametrize("op,name", SCALES)
+@pytest.mark.parametrize("value", [1e-39, 1e300, 1e38])
+def test_scales_outside_the_compute_dtype_range_are_rejected(op, name, value):
+    """1e-39 (subnormal in fp32, its reciprocal inf), 1e300 (inf in fp32) and 1e38 (whose
+    reciprocal is subnormal) would turn every output into 0, inf or NaN."""
+    with pytest.raises(ValueError, match=rf"{name} must be in \[.*\] for torch.float32 inputs"):
+        _call(op, kw={name: value})
+
+
+@pytest.mark.parametrize("op,name", SCALES)
+def test_fp64_inputs_accept_the_fp64_range(op, name):
+    g = _good()
+    x, prototypes = g["x"].double(), g["prototypes"].double()
+    _call(op, x=x, prototypes=prototypes, kw={name: 1e-39})  # normal in fp64: accepted
+    with pytest.raises(ValueError, match=rf"{name} must be in .* for torch.float64 inputs"):
+        _call(op, x=x, prototypes=prototypes, kw={name: 1e-320})
+
+
+@pytest.mark.parametrize("name", ["temperature", "base_temperature"])
+def test_contrast_temperatures_outside_the_range_are_rejected(name):
+    anchors, labels = torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, -1])
+    with pytest.raises(ValueError, match=rf"{name} must be in \[.*\] for torch.bfloat16 inputs"):
+        pk.pixel_contrast_loss(anchors.bfloat16(), labels, **{name: 1e39})
