@@ -160,10 +160,13 @@ class ContrastHead(nn.Module):
                 labels.view(batch, -1), prediction.view(batch, -1), max_samples=self.max_samples,
                 max_views=self.max_views, ignore_index=self.ignore_index, generator=generator, validate=False,
             )
+            # The kept anchors fill the first T·V <= B·C·max_views slots (docs/spec.md §10.2): a
+            # static bound, so the loss skips the padding (with max_views 1: 2·19 rows, not 1024).
+            bound = min(self.max_samples, batch * self.num_classes * self.max_views)
             pixels = embedding.view(batch, dim, -1)
-            index = sample.index.clamp_min(0)
+            index = sample.index[:bound].clamp_min(0)
             n = pixels.shape[2]
-            anchors, anchor_labels = pixels[index // n, :, index % n], sample.labels
+            anchors, anchor_labels = pixels[index // n, :, index % n], sample.labels[:bound]
         else:
             anchors, anchor_labels = embedding.permute(0, 2, 3, 1).reshape(-1, dim), labels.reshape(-1)
         contrast = contrast_labels = None
