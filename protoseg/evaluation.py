@@ -21,7 +21,19 @@ class ConfusionMatrix:
         self.counts = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
 
     def update(self, prediction: Tensor, labels: Tensor) -> None:
+        """Count ``prediction`` against ``labels`` (same shape; classes in [0, C) or, for
+        labels, ``ignore_index``). A value outside raises ``ValueError`` naming it (one host
+        synchronisation: evaluation reads its results anyway)."""
+        if prediction.shape != labels.shape:
+            raise ValueError(f"prediction and labels must have the same shape, got {tuple(prediction.shape)} "
+                             f"and {tuple(labels.shape)}")
         labelled = labels != self.ignore_index
+        for name, values in (("labels", labels[labelled]), ("prediction", prediction[labelled])):
+            bad = (values < 0) | (values >= self.num_classes)
+            if bool(bad.any()):
+                raise ValueError(f"{name} must hold classes in [0, {self.num_classes})"
+                                 f"{' or ignore_index=' + str(self.ignore_index) if name == 'labels' else ''}, "
+                                 f"found {int(values[bad][0])}")
         pairs = labels[labelled].long() * self.num_classes + prediction[labelled].long()
         self.counts += torch.bincount(pairs, minlength=self.num_classes**2).view(self.num_classes, -1)
 

@@ -68,8 +68,8 @@ def merge_logsumexp(reducer: Reducer, m: Tensor, s: Tensor) -> tuple[Tensor, Ten
     """Combine per-rank (max, Σ exp(· − max)) pairs into the global pair.
 
     Each rank rescales its sums to the global max before the sum all-reduce;
-    entries with no pixels (s = 0, m = -inf) stay 0.
+    entries with no pixels (s = 0, m = -inf) stay 0, and a NaN sum stays NaN.
     """
     m_all = reducer.max(m.clone())
-    s_all = reducer.sum(torch.where(s > 0, s * torch.exp(m - m_all), 0.0))
+    s_all = reducer.sum(torch.where(s == 0, 0.0, s * torch.exp(m - m_all)))
     return m_all, s_all

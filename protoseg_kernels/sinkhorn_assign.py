@@ -58,10 +58,12 @@ def run_sinkhorn(
     beta = logits.new_zeros(num_classes, prototypes.shape[1])
     if iterations >= 1:
         m, s = merge_logsumexp(reducer, *kernels.sinkhorn_class_logsumexp(logits, segment, num_classes))
-        beta = torch.where(s > 0, -(m + torch.log(s)), 0.0)
+        # s = 0 / u = 0: a (class, prototype) without pixels keeps β. A NaN (from a NaN
+        # similarity of the class) must pass: `s > 0` would turn it into a silent 0.
+        beta = torch.where(s == 0, 0.0, -(m + torch.log(s)))
         for _ in range(iterations - 1):
             u = reducer.sum(kernels.sinkhorn_marginals(logits, segment, beta))
-            beta = torch.where(u > 0, beta - torch.log(u), beta)
+            beta = torch.where(u == 0, beta, beta - torch.log(u))
     return kernels.sinkhorn_finalize(logits, segment, beta, return_q)
 
 

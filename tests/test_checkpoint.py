@@ -94,3 +94,4 @@ def test_the_cli_reports_a_corrupt_checkpoint_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert err.startswith("protoseg-train: error: checkpoint ") and "last.pt" in err
+

@@ -12,6 +12,6 @@
 namespace protoseg {
 
 // x̂ = x / max(‖x‖, kNormEps), as F.normalize does.
-constexpr float kNormEps = 1e-12f;
+constexpr double kNormEps = 1e-12;  // acc_t(kNormEps): exactly 1e-12 in fp64, as the reference
 
 }  // namespace protoseg

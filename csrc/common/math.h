@@ -23,10 +23,19 @@ PROTOSEG_INLINE acc_t neg_infinity() {
 }
 
 // 1 / max(sqrt(sum_sq), eps): the factor that normalises a vector with ‖v‖² = sum_sq.
+// A NaN norm gives NaN (a plain `norm > eps ? norm : eps` would clamp it to eps).
 template <typename acc_t>
 PROTOSEG_INLINE acc_t inverse_norm(acc_t sum_sq) {
   const acc_t norm = sqrt(sum_sq);
-  return acc_t(1) / (norm > acc_t(kNormEps) ? norm : acc_t(kNormEps));
+  return acc_t(1) / (norm <= acc_t(kNormEps) ? acc_t(kNormEps) : norm);
+}
+
+// The test of every running "first maximum": v replaces best when it is strictly greater,
+// or when it is the first NaN. NaN ranks above every number (as in torch.max), so a NaN
+// anywhere gives a NaN maximum at the first NaN's index. Bitwise ops keep loops branch-free.
+template <typename acc_t>
+PROTOSEG_INLINE bool replaces_max(acc_t v, acc_t best) {
+  return (v > best) | ((v != v) & (best == best));
 }
 
 // Backward of v̂ = v / max(‖v‖, eps) for one element:
@@ -61,9 +70,11 @@ struct OnlineLogSumExp {
     }
   }
 
+  // An empty state is (−inf, 0); a NaN added leaves sum NaN (max may stay −inf), so
+  // emptiness is tested on the sum: a block of NaNs is never dropped.
   PROTOSEG_INLINE void merge(const OnlineLogSumExp& other) {
-    if (other.max == neg_infinity<acc_t>()) return;
-    if (max == neg_infinity<acc_t>()) {
+    if (other.sum == acc_t(0)) return;
+    if (sum == acc_t(0)) {
       *this = other;
       return;
     }
@@ -105,14 +116,14 @@ PROTOSEG_INLINE RowStats<acc_t> row_logsumexp_argmax(const Row& z, int64_t n) {
 
 // One pixel's Sinkhorn step (docs/spec.md §3.4): z_k = L_k + β_k; q_k = softmax_k(z).
 // `visit(k, q_k)` receives each probability (to accumulate marginals or write q).
-// Returns the first argmax of z.
+// Returns the first argmax of z, or −1 when z holds a NaN (then every q_k is NaN).
 template <typename acc_t, typename Logits, typename Beta, typename Visit>
 PROTOSEG_INLINE int64_t sinkhorn_pixel_step(const Logits& logits, const Beta& beta, int64_t n,
                                             Visit visit) {
   auto z = [&](int64_t k) { return acc_t(logits(k)) + acc_t(beta(k)); };
   const RowStats<acc_t> stats = row_logsumexp_argmax<acc_t>(z, n);
   for (int64_t k = 0; k < n; ++k) visit(k, exp(z(k) - stats.lse));
-  return stats.argmax;
+  return stats.lse == stats.lse ? stats.argmax : int64_t(-1);  // a NaN anywhere makes lse NaN
 }
 
 // Momentum update of one prototype element (docs/spec.md §3.5), before the final

@@ -42,8 +42,7 @@ struct ClassStats {
     for (int64_t k = 1; k < per_class; ++k) {
       const acc_t* v = s + k * classes;
       for (int64_t c = 0; c < classes; ++c) {
-        // strict: the first maximum wins; NaN propagates; bitwise | keeps the loop branch-free
-        const bool take = (v[c] > best[c]) | (v[c] != v[c]);
+        const bool take = replaces_max(v[c], best[c]);  // the first maximum; the first NaN
         best[c] = take ? v[c] : best[c];
         arg[c] = take ? static_cast<int32_t>(k) : arg[c];
       }

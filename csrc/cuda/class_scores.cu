@@ -40,7 +40,7 @@ struct ClassScoresVisitor {
   PROTOSEG_DEVICE ClassScoresVisitor(const Params& params, int64_t row) : p(params), row(row) {}
 
   PROTOSEG_DEVICE void visit(Column, acc_t s) {
-    if (slot == 0 || s > best) {  // strict: the first maximum wins ties
+    if (slot == 0 || replaces_max(s, best)) {  // the first maximum wins ties; the first NaN
       best = s;
       best_slot = slot;
     }

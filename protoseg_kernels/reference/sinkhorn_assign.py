@@ -21,6 +21,15 @@ def _one_hot(segment: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
     return (segment.unsqueeze(1) == classes).to(dtype)
 
 
+def _class_sums(segment: Tensor, num_classes: int, values: Tensor) -> Tensor:
+    """[C, K] sums of ``values`` [N, K] over each class's pixels, as a one-hot matmul; a NaN
+    reaches its own class only (in the matmul, 0·NaN would spread it to every class)."""
+    one_hot = _one_hot(segment, num_classes, values.dtype).T
+    nan = torch.isnan(values)
+    sums = one_hot @ torch.where(nan, 0.0, values)
+    return torch.where(one_hot @ nan.to(values.dtype) > 0, float("nan"), sums)
+
+
 def _per_pixel_beta(beta: Tensor, segment: Tensor) -> Tensor:
     return beta[segment.clamp_min(0)]
 
@@ -45,13 +54,12 @@ def sinkhorn_class_logsumexp(
     m = m.scatter_reduce(0, rows, masked, reduce="amax")
     shift = torch.where(valid, m.gather(0, rows), 0.0)
     shifted = torch.where(valid, torch.exp(logits - shift), 0.0)
-    s = _one_hot(segment, num_classes, logits.dtype).T @ shifted
-    return m, s
+    return m, _class_sums(segment, num_classes, shifted)
 
 
 def sinkhorn_marginals(logits: Tensor, segment: Tensor, beta: Tensor) -> Tensor:
     q = torch.softmax(logits + _per_pixel_beta(beta, segment), dim=1)
-    return _one_hot(segment, beta.shape[0], logits.dtype).T @ q
+    return _class_sums(segment, beta.shape[0], q)
 
 
 def sinkhorn_finalize(
@@ -59,7 +67,7 @@ def sinkhorn_finalize(
 ) -> tuple[Tensor, Tensor]:
     valid = segment >= 0
     z = logits + _per_pixel_beta(beta, segment)
-    index = torch.where(valid, z.argmax(dim=1), -1)
+    index = torch.where(valid & ~torch.isnan(z).any(dim=1), z.argmax(dim=1), -1)
     if not return_q:
         return index, logits.new_empty(0)
     q = torch.where(valid.unsqueeze(1), torch.softmax(z, dim=1), 0.0)

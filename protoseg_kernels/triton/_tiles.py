@@ -62,6 +62,12 @@ def to_dtype(v, dtype: tl.constexpr):
 
 
 @triton.jit
+def inverse_norm(norm):
+    """1 / max(norm, eps); NaN for a NaN norm (``tl.maximum`` would drop it on a GPU)."""
+    return 1.0 / tl.where(norm <= NORM_EPS, NORM_EPS, norm)
+
+
+@triton.jit
 def row_inverse_norms(ptr, stride_r, stride_d, rows, row_ok, D, BR: tl.constexpr, BD: tl.constexpr):
     """1 / max(‖row‖₂, eps) for the rows ``rows`` of a [R, D] matrix, in fp32."""
     sum_sq = tl.zeros([BR], dtype=tl.float32)
@@ -70,7 +76,7 @@ def row_inverse_norms(ptr, stride_r, stride_d, rows, row_ok, D, BR: tl.constexpr
         v = tl.load(ptr + rows[:, None] * stride_r + dd[None, :] * stride_d,
                     mask=row_ok[:, None] & (dd < D)[None, :], other=0.0).to(tl.float32)
         sum_sq += tl.sum(v * v, axis=1)
-    return 1.0 / tl.maximum(tl.sqrt_rn(sum_sq), NORM_EPS)
+    return inverse_norm(tl.sqrt_rn(sum_sq))
 
 
 @triton.jit
@@ -193,15 +199,32 @@ def natural_log(x):
 
 @triton.jit
 def logsumexp_value(m, total):
-    """log Σ exp from a (max, sum) pair; -inf when empty (total is then 0, else >= 1)."""
-    return tl.where(total > 0, m + natural_log(tl.where(total > 0, total, 1.0)), float("-inf"))
+    """log Σ exp from a (max, sum) pair; -inf when empty (total is then 0, else >= 1), NaN
+    when a NaN was summed (the sum carries it: the max may have dropped it)."""
+    value = tl.where(total > 0, m + natural_log(tl.where(total > 0, total, 1.0)), float("-inf"))
+    return tl.where(total != total, total, value)
+
+
+@triton.jit
+def replaces_max(v, best):
+    """The merge test of a running "first maximum": strictly greater, or the first NaN
+    (NaN ranks above every number; an earlier NaN stays)."""
+    return (v > best) | ((v != v) & (best == best))
 
 
 @triton.jit
 def first_argmax(z, idx, SIZE: tl.constexpr, axis: tl.constexpr):
-    """(max, smallest ``idx`` reaching it) along ``axis``; the index is always in [0, SIZE)."""
-    m = tl.max(z, axis=axis)
+    """(max, smallest ``idx`` reaching it) along ``axis``; the index is always in [0, SIZE).
+
+    NaN ranks above every number, as in torch.max: a line holding NaN gives (NaN, the
+    first NaN's idx), whatever ``tl.max`` does with NaN on the device."""
+    nan = z != z
+    m = tl.max(tl.where(nan, float("-inf"), z), axis=axis)
     first = tl.min(tl.where(z == tl.expand_dims(m, axis), idx, SIZE), axis=axis)
+    first_nan = tl.min(tl.where(nan, idx, SIZE), axis=axis)
+    has_nan = first_nan < SIZE
+    m = tl.where(has_nan, float("nan"), m)
+    first = tl.where(has_nan, first_nan, first)
     return m, tl.minimum(first, SIZE - 1)
 
 

@@ -32,6 +32,7 @@ from ._tiles import (
     logsumexp_merge,
     logsumexp_rows,
     logsumexp_value,
+    replaces_max,
     row_inverse_norms,
     store_normalize_backward,
     to_dtype,
@@ -76,7 +77,7 @@ def _class_scores_forward_kernel(
             # Per class: the slots of this block lie along axis 1.
             s_3d = tl.reshape(s, [BN, KS, BC])
             block_max, block_arg = first_argmax(s_3d, slot_3d, KS, 1)
-            better = block_max > best  # strict: an earlier slot block keeps ties
+            better = replaces_max(block_max, best)  # an earlier slot block keeps ties and NaN
             best_k = tl.where(better, k0 + block_arg, best_k)
             best = tl.where(better, block_max, best)
             if SOFT:

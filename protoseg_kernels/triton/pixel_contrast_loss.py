@@ -59,7 +59,7 @@ from ._config import contrast_forward_tiles
 from ._host import check_dtype
 from ._similarity_grads import GradientSource, self_similarity_gradient, similarity_gradients
 from ._sweep import SweepClient, row_sweep
-from ._tiles import column_labels, logsumexp_merge, logsumexp_rows, natural_log
+from ._tiles import column_labels, logsumexp_merge, logsumexp_rows, logsumexp_value, natural_log
 
 OP = "pixel_contrast_loss"
 
@@ -78,16 +78,6 @@ def _pair_masks(row_label, rows, cols, tile, IN_BATCH: tl.constexpr):
     positive = takes_part & (col_label[None, :] == row_label[:, None])
     negative = takes_part & (col_label[None, :] != row_label[:, None])
     return positive, negative
-
-
-@triton.jit
-def _log_of_sum(m, total):
-    """log Σ exp from a (max, Σ exp(· − max)) pair: -inf when empty (total 0), NaN when
-    the sum is NaN (``_tiles.logsumexp_value`` turns that into -inf, and natural_log
-    of a NaN is not NaN)."""
-    value = m + natural_log(tl.where(total > 0, total, 1.0))
-    value = tl.where(total == 0, float("-inf"), value)
-    return tl.where(total != total, total, value)
 
 
 @triton.jit
@@ -141,7 +131,7 @@ def _negatives_step(state, s, rows, row_ok, cols, tile, op, FLAGS: tl.constexpr,
 def _negatives_finish(state, rows, row_ok, op, FLAGS: tl.constexpr):
     label, run_max, run_sum = state
     label_ptr, inv_temperature, log_norm_ptr = op
-    tl.store(log_norm_ptr + rows, _log_of_sum(run_max, run_sum), mask=row_ok)
+    tl.store(log_norm_ptr + rows, logsumexp_value(run_max, run_sum), mask=row_ok)
 
 
 # ---- forward, ContrastiveSeg sweep 2: the positives' terms and log B_i ------------
@@ -179,7 +169,7 @@ def _positives_finish(state, rows, row_ok, op, FLAGS: tl.constexpr):
     loss = tl.where(count > 0, scale * terms / tl.maximum(count, 1).to(tl.float32), 0.0)
     tl.store(loss_ptr + rows, loss, mask=row_ok)
     tl.store(positives_ptr + rows, count.to(tl.int64), mask=row_ok)
-    tl.store(log_b_ptr + rows, _log_of_sum(b_max, b_sum), mask=row_ok)
+    tl.store(log_b_ptr + rows, logsumexp_value(b_max, b_sum), mask=row_ok)
 
 
 # ---- forward, SupCon: one sweep -----------------------------------------------------
@@ -209,7 +199,7 @@ def _supcon_step(state, s, rows, row_ok, cols, tile, op, FLAGS: tl.constexpr, KS
 def _supcon_finish(state, rows, row_ok, op, FLAGS: tl.constexpr):
     label, run_max, run_sum, positive_sum, count = state
     label_ptr, inv_temperature, scale, loss_ptr, positives_ptr, log_norm_ptr = op
-    log_norm = _log_of_sum(run_max, run_sum)
+    log_norm = logsumexp_value(run_max, run_sum)
     mean_positive = positive_sum / tl.maximum(count, 1).to(tl.float32)
     tl.store(loss_ptr + rows, tl.where(count > 0, scale * (log_norm - mean_positive), 0.0), mask=row_ok)
     tl.store(positives_ptr + rows, count.to(tl.int64), mask=row_ok)

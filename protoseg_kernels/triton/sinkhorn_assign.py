@@ -57,11 +57,12 @@ def _own_class_logits_kernel(x_ptr, stride_xn, stride_xd, p_ptr, stride_pj, stri
 
 @triton.jit
 def _softmax_rows(z):
-    """softmax along axis 1; all-zero rows where z is all -inf."""
+    """softmax along axis 1; all-zero rows where z is all -inf, all-NaN rows where z holds
+    a NaN (the max may skip it; the sum carries it)."""
     m = tl.max(z, axis=1)
     e = tl.exp(z - tl.where(m == float("-inf"), 0.0, m)[:, None])
     total = tl.sum(e, axis=1)
-    return e / tl.where(total > 0, total, 1.0)[:, None]
+    return e / tl.where(total == 0, 1.0, total)[:, None]
 
 
 @triton.jit
@@ -141,7 +142,8 @@ def _finalize_kernel(l_ptr, seg_ptr, beta_ptr, index_ptr, q_ptr, N, C, K, WITH_Q
     logits = tl.load(l_ptr + rows[:, None] * K + kk[None, :], mask=ok, other=0.0)
     beta = tl.load(beta_ptr + tl.where(valid, seg, 0)[:, None] * K + kk[None, :], mask=ok, other=0.0)
     z = tl.where(ok, logits + beta, float("-inf"))
-    _, best = first_argmax(z, kk[None, :], KP, 1)
+    best_z, best = first_argmax(z, kk[None, :], KP, 1)
+    best = tl.where(best_z != best_z, -1, best)  # a NaN in z: the pixel's class is invalid
     tl.store(index_ptr + rows, tl.where(valid, best, -1).to(tl.int64), mask=row_ok)
     if WITH_Q:
         q = tl.where(ok, _softmax_rows(z), 0.0)

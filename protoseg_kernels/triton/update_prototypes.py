@@ -17,7 +17,7 @@ from torch import Tensor
 from ._config import row_tiles
 from ._host import check_dtype, launch, rows_view
 from ._norms import inverse_norms
-from ._tiles import NORM_EPS, load_inverse_norms, to_dtype
+from ._tiles import inverse_norm, load_inverse_norms, to_dtype
 
 OP = "update_prototypes"
 
@@ -90,15 +90,15 @@ def _momentum_kernel(p_ptr, stride_pj, stride_pd, s_ptr, counts_ptr, out_ptr, CK
     p_norm, s_norm = _row_norms_of_pair(p_ptr, stride_pj, stride_pd, s_ptr, rows, row_ok, D, COMPUTE, BR, BD)
     p_scale = tl.full([BR], 1.0, dtype=COMPUTE)
     if NORMALIZE:
-        p_scale = 1.0 / tl.maximum(p_norm, NORM_EPS)
-    s_scale = 1.0 / tl.maximum(s_norm, NORM_EPS)
+        p_scale = inverse_norm(p_norm)
+    s_scale = inverse_norm(s_norm)
     # ‖γ·P̂ + (1 − γ)·ŝ‖, then the blend again, normalised, chunk by chunk.
     v_sq = tl.zeros([BR], dtype=COMPUTE)
     for d0 in range(0, D, BD):
         _, _, _, v = _blend_chunk(p_ptr, stride_pj, stride_pd, s_ptr, rows, row_ok, d0, D, p_scale, s_scale,
                                   momentum, COMPUTE, BD)
         v_sq += tl.sum(v * v, axis=1)
-    v_scale = 1.0 / tl.maximum(_sqrt(v_sq, COMPUTE), NORM_EPS)
+    v_scale = inverse_norm(_sqrt(v_sq, COMPUTE))
     for d0 in range(0, D, BD):
         dd, ok, p_hat, v = _blend_chunk(p_ptr, stride_pj, stride_pd, s_ptr, rows, row_ok, d0, D, p_scale, s_scale,
                                         momentum, COMPUTE, BD)
