@@ -69,7 +69,8 @@ class ContrastHead(nn.Module):
         warmup_iters: training forwards without contrast (the bank still fills).
         ignore_index: label of unlabelled pixels.
         process_group: ranks that share the bank (their contributions are gathered).
-        validate_labels: check label values once per step (one host synchronisation).
+        validate_labels: check label values once per step (one host synchronisation; with
+            ``process_group`` collective, one extra small all-reduce, so all ranks raise).
     """
 
     def __init__(
@@ -139,7 +140,7 @@ class ContrastHead(nn.Module):
         if not (self.training and labels is not None):
             return HeadOutput(seg)
         if self.validate_labels:
-            check_labels(labels, batch, self.num_classes, self.ignore_index)
+            check_labels(labels, batch, self.num_classes, self.ignore_index, self.process_group)
         self.update_memory()
         embedding = self.embedding_map(features)
         pixel_labels = downsample_labels(labels, (height, width))

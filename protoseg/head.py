@@ -137,7 +137,8 @@ class ProtoSegHead(nn.Module):
         ignore_index: label of unlabelled pixels.
         process_group: ranks that share the prototypes under data parallelism
             (e.g. ``torch.distributed.group.WORLD``); None: this process alone.
-        validate_labels: check label values once per step (one host synchronisation).
+        validate_labels: check label values once per step (one host synchronisation; with
+            ``process_group`` collective, one extra small all-reduce, so all ranks raise).
     """
 
     def __init__(
@@ -222,7 +223,7 @@ class ProtoSegHead(nn.Module):
         learning = self.training and labels is not None
         if learning:
             if self.validate_labels:
-                check_labels(labels, batch, self.num_classes, self.ignore_index)
+                check_labels(labels, batch, self.num_classes, self.ignore_index, self.process_group)
             learning = self.steps >= self.warmup_iters
             self.steps += 1
         if not learning:

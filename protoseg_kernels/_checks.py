@@ -4,13 +4,23 @@ Each check raises where the bad value enters, with a message of the form
 ``"<op>: <argument> must be <expected>, got <actual>"``. Shape, dtype and device
 checks are free (no data is read); :func:`check_index_range` reads the data once
 (one host synchronisation) and is skipped when the caller passes ``validate=False``.
+
+Given a process group, the value checks are collective (:func:`first_bad_values`): every
+rank finds its own first bad value without a host read, one small all-reduce tells every
+rank what all ranks found, and then every rank raises the same ``ValueError``, naming the
+rank the value was found on, instead of one rank raising while the others wait in the op's
+next collective until the group's timeout.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
+from torch import Tensor
 
 from ._op_utils import compute_dtype
 
@@ -174,34 +184,134 @@ def sanitize_index(index: torch.Tensor, upper: int, ignore_index: int) -> torch.
     return torch.where(valid_index_mask(index, upper, ignore_index), index.long(), -1)
 
 
+class BadValue(NamedTuple):
+    """The first bad value found by a collective check: ``check`` (its position in the
+    list of checks) failed on ``rank`` (the lowest such rank) with ``value``."""
+
+    check: int
+    rank: int
+    value: int
+
+
+def _first_bad(values: Tensor, bad: Tensor) -> Tensor:
+    """[2] int64 on ``values``' device: (1, first value where ``bad``, in flattened order)
+    or (0, 0); no host synchronisation."""
+    flat_bad, flat = bad.reshape(-1), values.reshape(-1)
+    if flat.numel() == 0:
+        return torch.zeros(2, dtype=torch.int64, device=values.device)
+    at = flat_bad.to(torch.uint8).argmax()  # the first maximum: the first bad element
+    found = flat_bad[at]
+    return torch.stack([found.long(), torch.where(found, flat[at].long(), 0)])
+
+
+def first_bad_values(checks: Sequence[tuple[Tensor, Tensor]], group: Any) -> BadValue | None:
+    """Collective over ``group``: each rank passes the same number of (values, bad mask)
+    pairs (tensors on one device, which the group's backend must support, as for the ops'
+    all-reduces; any shape, empty included). Returns, identically on every rank, the
+    first check (in list order) that has a bad value on some rank, with the lowest such
+    rank and its first bad value; None when every rank's values are good.
+
+    Costs one all-reduce of world size × len(checks) × 2 int64 and one host
+    synchronisation, whatever the data's size. Every rank of the group must call it
+    (with ``validate=True``) at the same point, as for any collective."""
+    device = checks[0][0].device
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    table = torch.zeros(world, len(checks), 2, dtype=torch.int64, device=device)
+    table[rank] = torch.stack([_first_bad(values, bad) for values, bad in checks])
+    dist.all_reduce(table, op=dist.ReduceOp.SUM, group=group)  # row r: what rank r found
+    found = table.tolist()  # the one host synchronisation
+    for check in range(len(checks)):
+        for r in range(world):
+            if found[r][check][0]:
+                return BadValue(check, r, found[r][check][1])
+    return None
+
+
+def on_rank(bad: BadValue) -> str:
+    """How a collective check's message names the offending value and its rank."""
+    return f"{bad.value} on rank {bad.rank} of the process group"
+
+
+class IndexRange(NamedTuple):
+    """One argument for :func:`check_index_ranges`: ``index`` must hold ``meaning`` in
+    [0, upper) or ``ignore_index``."""
+
+    name: str
+    index: Tensor
+    upper: int
+    ignore_index: int
+    meaning: str
+
+
+def _out_of_range(index: Tensor, upper: int, ignore_index: int) -> Tensor:
+    return (index != ignore_index) & ((index < 0) | (index >= upper))
+
+
+def _range_error(op: str, check: IndexRange, found: object) -> ValueError:
+    return ValueError(
+        f"{op}: {check.name} must hold {check.meaning} in [0, {check.upper}) or "
+        f"ignore_index={check.ignore_index}, found {found} (pass validate=False to treat "
+        "out-of-range values as ignored)"
+    )
+
+
+def check_index_ranges(op: str, checks: Sequence[IndexRange], group: Any | None = None) -> None:
+    """Raise ValueError for the first of ``checks`` whose index holds a value outside
+    [0, upper) other than its ``ignore_index``. Without ``group``: one host
+    synchronisation per check. With ``group``: collective (:func:`first_bad_values`), one
+    small all-reduce and one host synchronisation for all checks together, and every rank
+    raises the same error, naming the rank the value was found on."""
+    if group is None:
+        for check in checks:
+            check_index_range(op, *check)
+        return
+    bad = first_bad_values(
+        [(c.index, _out_of_range(c.index, c.upper, c.ignore_index)) for c in checks], group)
+    if bad is not None:
+        raise _range_error(op, checks[bad.check], on_rank(bad))
+
+
 def check_index_range(
-    op: str, name: str, index: torch.Tensor, upper: int, ignore_index: int, meaning: str
+    op: str, name: str, index: torch.Tensor, upper: int, ignore_index: int, meaning: str,
+    group: Any | None = None,
 ) -> None:
     """Raise ValueError if ``index`` holds a value outside [0, upper) other than
-    ``ignore_index``. Reads the data: one host synchronisation."""
+    ``ignore_index``. Reads the data: one host synchronisation; with ``group``, collective
+    (see :func:`check_index_ranges`)."""
+    check = IndexRange(name, index, upper, ignore_index, meaning)
+    if group is not None:
+        check_index_ranges(op, [check], group)
+        return
     if index.numel() == 0:
         return
-    bad = (index != ignore_index) & ((index < 0) | (index >= upper))
+    bad = _out_of_range(index, upper, ignore_index)
     if bool(bad.any()):
         first = int(index[bad][0])  # boolean indexing flattens: any shape
-        raise ValueError(
-            f"{op}: {name} must hold {meaning} in [0, {upper}) or ignore_index={ignore_index}, "
-            f"found {first} (pass validate=False to treat out-of-range values as ignored)"
+        raise _range_error(op, check, first)
+
+
+def check_class_ids(
+    op: str, name: str, labels: torch.Tensor, ignore_index: int, group: Any | None = None,
+) -> None:
+    """Raise ValueError if ``labels`` holds a negative value other than ``ignore_index``
+    (class ids without a known upper bound). Reads the data: one host synchronisation;
+    with ``group``, collective (as :func:`check_index_ranges`)."""
+    def error(found: object) -> ValueError:
+        return ValueError(
+            f"{op}: {name} must hold class ids >= 0 or ignore_index={ignore_index}, found {found} "
+            "(pass validate=False to treat negative values as ignored)"
         )
 
-
-def check_class_ids(op: str, name: str, labels: torch.Tensor, ignore_index: int) -> None:
-    """Raise ValueError if ``labels`` holds a negative value other than ``ignore_index``
-    (class ids without a known upper bound). Reads the data: one host synchronisation."""
+    if group is not None:
+        bad = first_bad_values([(labels, (labels != ignore_index) & (labels < 0))], group)
+        if bad is not None:
+            raise error(on_rank(bad))
+        return
     if labels.numel() == 0:
         return
     bad = (labels != ignore_index) & (labels < 0)
     if bool(bad.any()):
-        first = int(labels[bad][0])
-        raise ValueError(
-            f"{op}: {name} must hold class ids >= 0 or ignore_index={ignore_index}, found {first} "
-            "(pass validate=False to treat negative values as ignored)"
-        )
+        raise error(int(labels[bad][0]))
 
 
 def sanitize_class_ids(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:

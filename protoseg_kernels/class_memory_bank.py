@@ -137,12 +137,13 @@ class ClassMemoryBank(nn.Module):
             process_group: gather every rank's contributions and apply them in rank order.
             validate: raise ``ValueError`` on a label outside [0, C) other than
                 ``ignore_index`` (one host synchronisation); with ``False`` such pixels
-                are skipped.
+                are skipped. With ``process_group`` the check is collective (one extra
+                small all-reduce): every rank raises the same error, naming the rank.
         """
         if process_group is not None:
             group_name(f"{OP}.enqueue", process_group)  # raises on a bad group
         x, classes, priority, per_class = self._check_enqueue(
-            embedding, labels, pixels_per_class, generator, priority, validate)
+            embedding, labels, pixels_per_class, generator, priority, validate, process_group)
         contributions = self._contributions(x, classes, priority, per_class)
         if process_group is not None:
             contributions = contributions.gathered(process_group)
@@ -153,7 +154,7 @@ class ClassMemoryBank(nn.Module):
     # ------------------------------------------------------------------ checks
     def _check_enqueue(
         self, embedding: object, labels: object, pixels_per_class: object, generator: object,
-        priority: object, validate: object,
+        priority: object, validate: object, group: Any | None,
     ) -> tuple[Tensor, Tensor, Tensor, int]:
         x = check_float_tensor(OP, "embedding", embedding, 4, "[B, D, h, w]")
         batch, dim, height, width = x.shape
@@ -170,7 +171,9 @@ class ClassMemoryBank(nn.Module):
                              f"on {x.device} (the embedding's), got {tuple(labels.shape)} on {labels.device}")
         per_class = check_int(OP, "pixels_per_class", pixels_per_class, minimum=1)
         if check_bool(OP, "validate", validate):
-            check_index_range(f"{OP}.enqueue", "labels", labels, self.num_classes, self.ignore_index, "classes")
+            # collective under a group: every rank raises, before any rank gathers
+            check_index_range(f"{OP}.enqueue", "labels", labels, self.num_classes, self.ignore_index, "classes",
+                              group)
         classes = sanitize_index(labels, self.num_classes, self.ignore_index).view(batch, -1)
         return x, classes, self._priority(priority, generator, labels.shape, x.device), per_class
 

@@ -52,7 +52,8 @@ def run_sinkhorn(
     """The β recurrence on backend ``kernels``; returns (index, q or empty)."""
     num_classes = prototypes.shape[0]
     if validate:
-        check_index_range(OP, "labels", labels, num_classes, ignore_index, "class indices")
+        # collective under a group: every rank raises, before any rank all-reduces
+        check_index_range(OP, "labels", labels, num_classes, ignore_index, "class indices", reducer.group)
     segment = sanitize_index(labels, num_classes, ignore_index)
     logits = kernels.sinkhorn_logits(x, prototypes, segment, normalize, epsilon)
     beta = logits.new_zeros(num_classes, prototypes.shape[1])
@@ -116,7 +117,9 @@ def sinkhorn_assign(
             the pixels of all its ranks (global equipartition); None: per process.
             Its all-reduces run inside the custom op (also under ``torch.compile``).
         validate: raise ``ValueError`` on labels outside [0, C) that are not
-            ``ignore_index``; with ``False`` they are ignored.
+            ``ignore_index``; with ``False`` they are ignored. With ``process_group``
+            the check is collective: every rank raises the same error, naming the rank
+            the value was found on (one extra small all-reduce per call).
 
     Returns:
         ``SinkhornResult(index [N] int64, q [N, K] fp32/fp64 or None)``. No gradient.

@@ -20,9 +20,10 @@ from torch import Tensor
 
 from ._backend import get_backend, resolve_backend
 from ._checks import (
+    IndexRange,
     check_bool,
     check_features_and_prototypes,
-    check_index_range,
+    check_index_ranges,
     check_index_tensor,
     check_int,
     check_mask,
@@ -61,8 +62,11 @@ def run_update(
     """Segmented sums, all-reduce, momentum step; returns (new prototypes, counts [C, K])."""
     num_classes, per_class, _ = prototypes.shape
     if validate:
-        check_index_range(OP, "labels", labels, num_classes, ignore_index, "class indices")
-        check_index_range(OP, "index", index, per_class, UNASSIGNED, "prototype indices")
+        # collective under a group: every rank raises, before any rank all-reduces
+        check_index_ranges(OP, [
+            IndexRange("labels", labels, num_classes, ignore_index, "class indices"),
+            IndexRange("index", index, per_class, UNASSIGNED, "prototype indices"),
+        ], reducer.group)
     key = _prototype_keys(labels, index, mask, num_classes, per_class, ignore_index)
     sums, counts = kernels.prototype_sums(x, key, num_classes * per_class, normalize)
     sums, counts = reducer.sum(sums), reducer.sum(counts)
@@ -120,7 +124,9 @@ def update_prototypes(
             are added before the update; None: this process's pixels only. Its
             all-reduces run inside the custom op (also under ``torch.compile``).
         validate: raise ``ValueError`` on out-of-range labels/index; with
-            ``False`` such pixels are skipped.
+            ``False`` such pixels are skipped. With ``process_group`` the check is
+            collective: every rank raises the same error, naming the rank the value
+            was found on (one extra small all-reduce per call).
 
     Returns:
         ``PrototypeUpdate(prototypes [C, K, D] new tensor in prototypes' dtype,

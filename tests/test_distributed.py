@@ -1,8 +1,11 @@
 """process_group semantics (docs/spec.md §3.4, §3.5) with 2 gloo processes on CPU: with the
 group every rank gets the single-process result on the concatenated pixels; without
-it each rank gets its local result."""
+it each rank gets its local result. Validation under the group is collective (docs/spec.md §3):
+a bad value on one rank makes every rank raise the same error."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -120,3 +123,59 @@ def test_compiled_head_step_with_two_gloo_ranks(backend, tmp_path):
                 assert_close(compiled[name], eager[name], 1e-12, f"step {step}: compiled {name}")
             assert_close(eager["prototypes"], expected["prototypes"], 1e-12, f"step {step}: prototypes")
         assert torch.equal(torch.cat([r["eager"][step]["target"] for r in ranks]), expected["target"])
+
+
+# Per API: what every rank must raise in each scenario of distributed_worker.VALIDATION_SCENARIOS.
+RANGE_HINT = "(pass validate=False to treat out-of-range values as ignored)"
+COLLECTIVE_ERRORS = {
+    "sinkhorn_assign": [
+        "ValueError: sinkhorn_assign: labels must hold class indices in [0, 4) or ignore_index=-1, "
+        f"found 7 on rank 1 of the process group {RANGE_HINT}",
+        "ValueError: sinkhorn_assign: labels must hold class indices in [0, 4) or ignore_index=-1, "
+        f"found -3 on rank 1 of the process group {RANGE_HINT}",
+    ],
+    "update_prototypes": [
+        "ValueError: update_prototypes: labels must hold class indices in [0, 4) or ignore_index=-1, "
+        f"found 9 on rank 1 of the process group {RANGE_HINT}",
+        "ValueError: update_prototypes: index must hold prototype indices in [0, 3) or ignore_index=-1, "
+        f"found 5 on rank 0 of the process group {RANGE_HINT}",
+    ],
+    "ClassMemoryBank.enqueue": [
+        "ValueError: ClassMemoryBank.enqueue: labels must hold classes in [0, 4) or ignore_index=255, "
+        f"found 12 on rank 1 of the process group {RANGE_HINT}",
+    ],
+    "heads": [
+        "ValueError: labels must hold classes in [0, 4) or ignore_index=255, found 5 on rank 1 of the process group",
+        "ValueError: labels must hold classes in [0, 4) or ignore_index=255, found -2 on rank 1 of the process group",
+    ],
+    "check_class_ids": [
+        "ValueError: op: labels must hold class ids >= 0 or ignore_index=-1, found -4 on rank 0 of the process group "
+        "(pass validate=False to treat negative values as ignored)",
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def collective_outcomes(tmp_path_factory):
+    """What each of 2 gloo ranks raised in every scenario (one spawn for all of them)."""
+    from distributed_worker import run_collective_validation
+
+    out = tmp_path_factory.mktemp("collective_validation")
+    mp.spawn(run_collective_validation, args=(2, str(out / "init"), str(out)), nprocs=2, join=True)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("api", sorted(COLLECTIVE_ERRORS))
+def test_a_bad_value_on_one_rank_raises_on_every_rank(api, collective_outcomes):
+    """With a process group, validation is collective: a bad label (or index) on one rank
+    makes every rank raise the same ValueError at once, naming the value and its rank,
+    instead of one rank raising while the other waits in the op's all-reduce until the
+    group's timeout (20 s in the worker, so a regression fails fast rather than hanging)."""
+    rank0, rank1 = (ranks[api] for ranks in collective_outcomes)
+    assert rank0 == rank1, f"ranks disagree:\nrank 0: {rank0}\nrank 1: {rank1}"
+    assert rank0 == COLLECTIVE_ERRORS[api]
+
+
+def test_ranks_stay_in_step_after_a_collective_validation_error(collective_outcomes):
+    """Every rank ran the same collectives before raising: the next all-reduce pairs up."""
+    assert [ranks["after"] for ranks in collective_outcomes] == [["in step: 2 ranks"]] * 2
