@@ -234,24 +234,29 @@ def on_rank(bad: BadValue) -> str:
 
 class IndexRange(NamedTuple):
     """One argument for :func:`check_index_ranges`: ``index`` must hold ``meaning`` in
-    [0, upper) or ``ignore_index``."""
+    [0, upper) or ``ignore_index`` (described as ``absent``, by default
+    "ignore_index=<value>"), at the entries where ``only`` is True (all when None)."""
 
     name: str
     index: Tensor
     upper: int
     ignore_index: int
     meaning: str
+    absent: str | None = None
+    only: Tensor | None = None
 
 
-def _out_of_range(index: Tensor, upper: int, ignore_index: int) -> Tensor:
-    return (index != ignore_index) & ((index < 0) | (index >= upper))
+def _out_of_range(check: IndexRange) -> Tensor:
+    index = check.index
+    bad = (index != check.ignore_index) & ((index < 0) | (index >= check.upper))
+    return bad if check.only is None else bad & check.only
 
 
 def _range_error(op: str, check: IndexRange, found: object) -> ValueError:
+    absent = check.absent or f"ignore_index={check.ignore_index}"
     return ValueError(
         f"{op}: {check.name} must hold {check.meaning} in [0, {check.upper}) or "
-        f"ignore_index={check.ignore_index}, found {found} (pass validate=False to treat "
-        "out-of-range values as ignored)"
+        f"{absent}, found {found} (pass validate=False to treat out-of-range values as ignored)"
     )
 
 
@@ -263,10 +268,9 @@ def check_index_ranges(op: str, checks: Sequence[IndexRange], group: Any | None 
     raises the same error, naming the rank the value was found on."""
     if group is None:
         for check in checks:
-            check_index_range(op, *check)
+            _check_locally(op, check)
         return
-    bad = first_bad_values(
-        [(c.index, _out_of_range(c.index, c.upper, c.ignore_index)) for c in checks], group)
+    bad = first_bad_values([(c.index, _out_of_range(c)) for c in checks], group)
     if bad is not None:
         raise _range_error(op, checks[bad.check], on_rank(bad))
 
@@ -278,15 +282,15 @@ def check_index_range(
     """Raise ValueError if ``index`` holds a value outside [0, upper) other than
     ``ignore_index``. Reads the data: one host synchronisation; with ``group``, collective
     (see :func:`check_index_ranges`)."""
-    check = IndexRange(name, index, upper, ignore_index, meaning)
-    if group is not None:
-        check_index_ranges(op, [check], group)
+    check_index_ranges(op, [IndexRange(name, index, upper, ignore_index, meaning)], group)
+
+
+def _check_locally(op: str, check: IndexRange) -> None:
+    if check.index.numel() == 0:
         return
-    if index.numel() == 0:
-        return
-    bad = _out_of_range(index, upper, ignore_index)
+    bad = _out_of_range(check)
     if bool(bad.any()):
-        first = int(index[bad][0])  # boolean indexing flattens: any shape
+        first = int(check.index[bad][0])  # boolean indexing flattens: any shape
         raise _range_error(op, check, first)
 
 

@@ -29,6 +29,7 @@ from ._checks import (
     check_mask,
     check_unit_interval,
     sanitize_index,
+    valid_index_mask,
 )
 from ._distributed import NO_GROUP, Reducer, group_name
 
@@ -65,7 +66,9 @@ def run_update(
         # collective under a group: every rank raises, before any rank all-reduces
         check_index_ranges(OP, [
             IndexRange("labels", labels, num_classes, ignore_index, "class indices"),
-            IndexRange("index", index, per_class, UNASSIGNED, "prototype indices"),
+            # only where the pixel is labelled: an ignored pixel's index is never read
+            IndexRange("index", index, per_class, UNASSIGNED, "prototype indices", "-1 (unassigned)",
+                       only=valid_index_mask(labels, num_classes, ignore_index)),
         ], reducer.group)
     key = _prototype_keys(labels, index, mask, num_classes, per_class, ignore_index)
     sums, counts = kernels.prototype_sums(x, key, num_classes * per_class, normalize)

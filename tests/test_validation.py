@@ -219,3 +219,17 @@ def test_contrast_temperatures_outside_the_range_are_rejected(name):
     anchors, labels = torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, -1])
     with pytest.raises(ValueError, match=rf"{name} must be in \[.*\] for torch.bfloat16 inputs"):
         pk.pixel_contrast_loss(anchors.bfloat16(), labels, **{name: 1e39})
+
+
+def test_update_prototypes_checks_the_index_of_labelled_pixels_only():
+    g = _good()
+    labels = torch.full((N,), 255)
+    labels[:3] = torch.tensor([0, 1, 2])
+    index = torch.full((N,), 99)  # out of range, but on ignored pixels only...
+    index[:3] = torch.tensor([0, 1, -1])
+    out = pk.update_prototypes(g["prototypes"], g["x"], labels, index, ignore_index=255)
+    assert out.counts.sum() == 2
+    index[1] = K  # ...until a labelled pixel holds one
+    with pytest.raises(ValueError, match=rf"index must hold prototype indices in \[0, {K}\) or -1 \(unassigned\), "
+                                         rf"found {K}"):
+        pk.update_prototypes(g["prototypes"], g["x"], labels, index, ignore_index=255)
