@@ -12,7 +12,7 @@ CUDA_ARCHS ?= 8.0;9.0
 STAMP := $(VENV)/.protoseg-installed
 BUILD_INPUTS := setup.py pyproject.toml requirements-dev.txt $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: install test kernel-report bench lint env demo clean
+.PHONY: install test kernel-report bench lint env demo fuzz clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,13 @@ kernel-report: install
 BENCH_ARGS ?=
 bench: install
 	$(PY) -m benchmarks $(BENCH_ARGS)
+
+# The differential fuzzer (tests/fuzz.py) for FUZZ_SECONDS with a fresh seed (make test runs
+# one minute of it with a fixed seed). FUZZ_ARGS="--seed 7 --backends cpu" reruns a case.
+FUZZ_SECONDS ?= 600
+FUZZ_ARGS ?=
+fuzz: install
+	$(PY) tests/fuzz.py --seconds $(FUZZ_SECONDS) $(FUZZ_ARGS)
 
 lint: install
 	$(PY) -m ruff check .

@@ -115,3 +115,13 @@ def test_a_nan_similarity_invalidates_its_own_class_and_no_other(backend, where,
     others = ~mine
     assert torch.equal(out.index[others], expected.index[others])
     torch.testing.assert_close(out.q[others], expected.q[others], rtol=1e-6, atol=1e-7)
+
+
+def test_an_ignored_nan_pixel_reaches_no_prototype(backend):
+    """Found by tests/fuzz.py: the reference added 0·x of ignored pixels to prototype 0."""
+    case = make_case(30, 6, 3, 2, seed=2, dtype=torch.float32, ignore_fraction=0.0)
+    x, labels = case.x.clone(), case.labels.clone()
+    labels[4] = -1
+    x[4, 1] = NAN
+    out = pk.update_prototypes(case.prototypes, x, labels, case.index, momentum=0.5)
+    assert torch.isfinite(out.prototypes).all()

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conformance import check_pixel_contrast_loss
 from conftest import FUSED_CPU_BACKENDS, require_backend
 from contrast_cases import DENOMINATORS, MODES, ContrastCase, make_contrast_case
@@ -183,6 +184,20 @@ def test_small_temperature_stays_finite(contrast_backend):
             assert bool(torch.isfinite(loss).all()) and bool(torch.isfinite(anchors.grad).all())
             expected, _ = _literal(case, **kw)
             assert_close(loss, expected, 1e-5)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_anchors_without_positive_stay_finite_at_small_temperature(contrast_backend, normalize):
+    """Found by tests/fuzz.py: an anchor without a positive has w = 0 but e^ℓ = inf at
+    τ = 1e-3, and 0·inf made its gradient row NaN (triton)."""
+    for mode in MODES:
+        case = make_contrast_case(16, 40, 24, 6, mode, seed=100097, dtype=torch.float32)
+        anchors = F.normalize(case.anchors, dim=1).requires_grad_()
+        contrast = None if case.contrast is None else F.normalize(case.contrast, dim=1)
+        loss = pk.pixel_contrast_loss(anchors, case.anchor_labels, contrast, case.contrast_labels,
+                                      temperature=1e-3, base_temperature=1e-3, normalize=normalize)
+        loss.backward()
+        assert torch.isfinite(loss) and bool(torch.isfinite(anchors.grad).all()), mode
 
 
 def test_nan_in_gives_nan_out(contrast_backend):

@@ -16,7 +16,8 @@ def prototype_sums(
     valid = key >= 0
     safe = key.clamp_min(0)
     sums = xs.new_zeros(num_prototypes, x.shape[1])
-    sums.index_add_(0, safe, xs * valid.unsqueeze(1))
+    # where, not a product: an ignored pixel's NaN must not reach prototype 0 (0·NaN = NaN)
+    sums.index_add_(0, safe, torch.where(valid.unsqueeze(1), xs, 0.0))
     counts = torch.zeros(num_prototypes, dtype=torch.int64, device=x.device)
     counts.index_add_(0, safe, valid.long())
     return sums, counts

@@ -221,6 +221,10 @@ def _logit_grad(s, rows, row_ok, cols, tile, op, FLAGS: tl.constexpr, KS: tl.con
     # The statistics of anchors without a positive are never used (their gradient is 0).
     log_norm = tl.load(log_norm_ptr + rows, mask=has_positive, other=0.0)
     positive, negative = _pair_masks(label, rows, cols, tile, FLAGS[0])
+    # Rows without a positive get 0 by the masks, not by w = 0: their statistics are the
+    # loads' 0, and exp(ℓ) alone overflows for |ℓ| up to 1/τ (0·inf would be NaN).
+    positive &= has_positive[:, None]
+    negative &= has_positive[:, None]
     z = s * inv_temperature
     if FLAGS[1]:  # SupCon
         softmax = tl.exp(z - log_norm[:, None])
