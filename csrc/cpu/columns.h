@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "common/math.h"
 #include "cpu/vectorized.h"
@@ -48,7 +49,8 @@ struct ColumnOrder {
 };
 
 // M prepared columns. `hat` holds Ĉ (C itself when not normalising) and `sum_sq` the
-// ‖C_j‖² of the raw vectors, both in prepared order; `labels` (or null) too.
+// ‖C_j‖² of the raw vectors (read only when normalising; null otherwise), both in prepared
+// order; `labels` (or null) too.
 template <typename acc_t>
 struct PreparedColumns {
   at::Tensor source;   // the client's tensor: the column gradient comes back in its shape and dtype
@@ -85,6 +87,19 @@ void load_rows(const scalar_t* in, int64_t rows, int64_t d, bool normalize, acc_
   }
 }
 
+// `labels` (a contiguous int64 [M] in source order, or undefined) in prepared order, kept
+// alive by p.label_storage; null when undefined.
+template <typename acc_t>
+const int64_t* prepare_labels(PreparedColumns<acc_t>& p, const at::Tensor& labels) {
+  if (!labels.defined()) return nullptr;
+  TORCH_INTERNAL_ASSERT(labels.is_contiguous() && labels.scalar_type() == at::kLong && labels.numel() == p.count);
+  p.label_storage = at::empty({p.count}, labels.options());
+  const int64_t* in = labels.const_data_ptr<int64_t>();
+  int64_t* out = p.label_storage.template data_ptr<int64_t>();
+  for (int64_t row = 0; row < p.count; ++row) out[p.order.column_of(row)] = in[row];
+  return out;
+}
+
 // Prepares the order.count() rows of length `dim` of the contiguous `source` (any shape
 // with that many elements, dtype scalar_t). `labels`, when defined, is a contiguous
 // int64 [M] in source order; it is stored in prepared order.
@@ -98,6 +113,16 @@ PreparedColumns<acc_t> prepare_columns(const at::Tensor& source, int64_t dim, bo
   p.normalized = normalize;
   p.order = order;
   TORCH_INTERNAL_ASSERT(source.is_contiguous() && source.numel() == p.count * dim);
+  p.labels = prepare_labels(p, labels);
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (!normalize && !order.prototype_major) {
+      // Raw columns in the compute dtype and in source order are used in place: no copy of
+      // M·D (a memory bank of 190,000 × 256 is 190 MiB, copied per pass otherwise).
+      p.storage = at::empty({0}, source.options());  // its options type the column gradient buffers
+      p.hat = source.const_data_ptr<acc_t>();
+      return p;
+    }
+  }
   p.storage = at::empty({p.count * dim + p.count},
                         source.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   acc_t* hat = p.storage.template data_ptr<acc_t>();
@@ -111,15 +136,6 @@ PreparedColumns<acc_t> prepare_columns(const at::Tensor& source, int64_t dim, bo
   });
   p.hat = hat;
   p.sum_sq = sum_sq;
-  if (labels.defined()) {
-    TORCH_INTERNAL_ASSERT(labels.is_contiguous() && labels.scalar_type() == at::kLong &&
-                          labels.numel() == p.count);
-    p.label_storage = at::empty({p.count}, labels.options());
-    const int64_t* in = labels.const_data_ptr<int64_t>();
-    int64_t* out = p.label_storage.template data_ptr<int64_t>();
-    for (int64_t row = 0; row < p.count; ++row) out[order.column_of(row)] = in[row];
-    p.labels = out;
-  }
   return p;
 }
 
