@@ -102,6 +102,14 @@ def _progress(i: int, total: int, job: Job, rows: list[dict[str, Any]], seconds:
           f"{seconds:5.1f} s  {detail}", flush=True)
 
 
+def _print_group(title: str, table: str, targets_of: str, targets: list) -> None:
+    """A row group's table, then its docs/spec.md §7 targets."""
+    print(f"\n{title}")
+    print(table)
+    print(f"\ndocs/spec.md §7 targets ({targets_of})")
+    print(report.render_targets(targets))
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from protoseg_kernels.env import collect
 
@@ -141,18 +149,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(op_text)
     print("\ndocs/spec.md §7 targets (best protoseg backend, head step)")
     print(report.render_targets(targets))
+    setting = f"({device.type}, {args.dtype})"
     if contrast_problems:
         contrast_text = report.render_text(report.CONTRAST_COLUMNS, report.contrast_table(rows, contrast_problems))
-        print(f"\nPixel contrast: pixel_contrast_loss forward + backward ({device.type}, {args.dtype})")
-        print(contrast_text)
-        print("\ndocs/spec.md §7 targets (best protoseg backend, pixel contrast)")
-        print(report.render_targets(contrast_targets))
+        _print_group(f"Pixel contrast: pixel_contrast_loss forward + backward {setting}", contrast_text,
+                     "best protoseg backend, pixel contrast", contrast_targets)
     if step_problems:
         step_text = report.render_text(report.STEP_COLUMNS, report.step_table(rows, step_problems))
-        print(f"\nContrastiveSeg step: sampling + loss + bank update + backward ({device.type}, {args.dtype})")
-        print(step_text)
-        print("\ndocs/spec.md §7 targets (every protoseg backend, ContrastiveSeg step)")
-        print(report.render_targets(step_targets))
+        _print_group(f"ContrastiveSeg step: sampling + loss + bank update + backward {setting}", step_text,
+                     "every protoseg backend, ContrastiveSeg step", step_targets)
 
     document = {
         "meta": {

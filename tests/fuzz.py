@@ -127,11 +127,20 @@ def _with_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     return t
 
 
+def _contrast_case(c: FuzzCase):
+    a, d, classes, m = c.shape
+    return make_contrast_case(a, m, d, classes, c.options["mode"], seed=c.seed)
+
+
+def _contrast_kwargs(c: FuzzCase) -> dict:
+    return dict(temperature=c.options["temperature"], denominator=c.options["denominator"],
+                normalize=c.options["normalize"], reduction="none")
+
+
 # ---- finite: the conformance rules --------------------------------------------------
 def _run_finite(c: FuzzCase) -> None:
     if c.op == "pixel_contrast_loss":
-        a, d, classes, m = c.shape
-        case = make_contrast_case(a, m, d, classes, c.options["mode"], seed=c.seed)
+        case = _contrast_case(c)
         if not c.options["normalize"]:  # raw dot products of unit vectors, as users pass them:
             # |ℓ| <= 1/τ (raw norms of 5 give |ℓ| ~ 250, beyond fp32's 1e-5 relative accuracy)
             case.anchors = torch.nn.functional.normalize(case.anchors, dim=1)
@@ -177,13 +186,10 @@ def _call(op: str, c: FuzzCase, case, labels, target, index, validate: bool):
 def _run_hostile(c: FuzzCase) -> None:
     g = torch.Generator().manual_seed(c.seed)
     if c.op == "pixel_contrast_loss":
-        a, d, classes, m = c.shape
-        case = make_contrast_case(a, m, d, classes, c.options["mode"], seed=c.seed)
+        case, kw = _contrast_case(c), _contrast_kwargs(c)
         hostile = case.anchor_labels.clone()
         pick = torch.rand(hostile.shape, generator=g) < 0.3
         hostile[pick] = torch.tensor(-(2**40))  # negative: ignored with validate=False
-        kw = dict(temperature=c.options["temperature"], denominator=c.options["denominator"],
-                  normalize=c.options["normalize"], reduction="none")
         anchors = case.anchors.to(c.dtype)
         contrast = None if case.contrast is None else case.contrast.to(c.dtype)
         with pk.use_backend(c.backend):
@@ -216,13 +222,11 @@ def _assert_same(out, expected, c: FuzzCase) -> None:
 def _run_nan(c: FuzzCase) -> None:
     g = torch.Generator().manual_seed(c.seed)
     if c.op == "pixel_contrast_loss":
-        a, d, classes, m = c.shape
-        case = make_contrast_case(a, m, d, classes, c.options["mode"], seed=c.seed)
+        case, kw = _contrast_case(c), _contrast_kwargs(c)
         anchors = case.anchors.clone()
+        a, d = anchors.shape
         if a:
             anchors[torch.randint(0, a, (1,), generator=g), torch.randint(0, d, (1,), generator=g)] = NAN
-        kw = dict(temperature=c.options["temperature"], denominator=c.options["denominator"],
-                  normalize=c.options["normalize"], reduction="none")
 
         def run(name, dtype):
             contrast = None if case.contrast is None else case.contrast.to(dtype)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from protoseg_fixtures import single_thread  # noqa: F401 (autouse fixture)
+from protoseg_fixtures import assert_same_state, single_thread, train_until_first_checkpoint  # noqa: F401
 
 import protoseg_kernels as pk
 from protoseg import ContrastHead, train, visualize
@@ -172,32 +172,16 @@ def test_cli_trains_the_contrast_head(tmp_path, capsys):
     assert all(p.stat().st_size > 10_000 for p in written)
 
 
-class Interrupted(Exception):
-    pass
-
-
 def test_resume_continues_identically(tmp_path, monkeypatch):
     common = (*TINY, "train.checkpoint_every=4")
     straight = Trainer(load_config("demo", (*common, f"train.output_dir={tmp_path / 'a'}")))
     straight.train()
-    original_save = Trainer.save
-
-    def save_then_stop(self, path=None):
-        original_save(self, path)
-        raise Interrupted
-
-    monkeypatch.setattr(Trainer, "save", save_then_stop)
-    with pytest.raises(Interrupted):
-        Trainer(load_config("demo", (*common, f"train.output_dir={tmp_path / 'b'}"))).train()
-    monkeypatch.setattr(Trainer, "save", original_save)
+    train_until_first_checkpoint(Trainer(load_config("demo", (*common, f"train.output_dir={tmp_path / 'b'}"))),
+                                 monkeypatch)
     resumed = Trainer(load_config("demo", (*common, f"train.output_dir={tmp_path / 'b'}", "train.resume=auto")))
     assert resumed.iteration == 4
     resumed.train()
-    expected, actual = straight.model.state_dict(), resumed.model.state_dict()
-    for key in expected:
-        same = torch.equal(expected[key], actual[key]) if isinstance(expected[key], torch.Tensor) \
-            else expected[key] == actual[key]
-        assert same, key
+    assert_same_state(straight.model.state_dict(), resumed.model.state_dict())
 
 
 @pytest.mark.parametrize("backbone", ["resnet18"])

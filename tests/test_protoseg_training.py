@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import yaml
-from protoseg_fixtures import single_thread  # noqa: F401 (autouse fixture)
+from protoseg_fixtures import assert_same_state, single_thread, train_until_first_checkpoint  # noqa: F401
 
 from protoseg import train, visualize
 from protoseg.checkpoint import load_checkpoint, model_from_checkpoint
@@ -66,10 +66,6 @@ def test_checkpoint_round_trip_gives_identical_outputs(tiny_config, tmp_path):
     assert model.head.steps == trainer.model.head.steps == 2
 
 
-class Interrupted(Exception):
-    pass
-
-
 def test_resume_continues_identically(tiny_config, tmp_path, monkeypatch):
     # Gumbel draws use the global random generator, so its state must be restored too.
     common = ("model.assignment=gumbel", "train.checkpoint_every=4", "model.warmup_iters=1")
@@ -77,29 +73,14 @@ def test_resume_continues_identically(tiny_config, tmp_path, monkeypatch):
     straight.train()
 
     interrupted = Trainer(load_config(str(tiny_config), (f"train.output_dir={tmp_path / 'b'}", *common)))
-    original_save = Trainer.save
-
-    def save_then_stop(self, path=None):
-        original_save(self, path)
-        raise Interrupted
-
-    monkeypatch.setattr(Trainer, "save", save_then_stop)
-    with pytest.raises(Interrupted):
-        interrupted.train()
-    monkeypatch.setattr(Trainer, "save", original_save)
+    train_until_first_checkpoint(interrupted, monkeypatch)
     assert load_checkpoint(tmp_path / "b" / "last.pt")["iteration"] == 4
 
     resumed = Trainer(load_config(str(tiny_config), (f"train.output_dir={tmp_path / 'b'}", "train.resume=auto",
                                                       *common)))
     assert resumed.iteration == 4
     resumed.train()
-    expected, actual = straight.model.state_dict(), resumed.model.state_dict()
-    assert expected.keys() == actual.keys()
-    for key in expected:
-        if isinstance(expected[key], torch.Tensor):
-            assert torch.equal(expected[key], actual[key]), key
-        else:
-            assert expected[key] == actual[key], key
+    assert_same_state(straight.model.state_dict(), resumed.model.state_dict())
     strip = [{k: v for k, v in r.items() if k != "seconds_per_iter"} for r in read_log(tmp_path / "a")]
     assert strip == [{k: v for k, v in r.items() if k != "seconds_per_iter"} for r in read_log(tmp_path / "b")]
 
