@@ -127,16 +127,23 @@ def head_like_step(case) -> None:
 def peak_memory(backend: str, n: str, d: str, c: str, k: str) -> None:
     """Prints how far the step raises the peak resident memory of the process (bytes),
     after a small warm-up has paid for every one-time allocation. Resident memory sees
-    every allocation, whatever allocates it."""
+    every allocation, whatever allocates it. The peak is reset to the current resident set
+    just before the step, with glibc told to unmap large blocks on free
+    (benchmarks.measure.rss_peak_bytes): otherwise freed but resident heap memory from
+    earlier work may be reused and hide part of an allocation."""
     shape = (int(d), int(c), int(k))
     small = make_case(64, *shape, dtype=torch.float32, seed=7)
     case = make_case(int(n), *shape, dtype=torch.float32, seed=7, peaked_fraction=0.0)
+    from benchmarks.measure import Case, rss_peak_bytes
+
     with pk.use_backend(backend):
         head_like_step(small)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        head_like_step(case)
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((after - before) * 1024)  # ru_maxrss is in KiB on Linux
+        growth = rss_peak_bytes(Case(lambda: None, lambda _: head_like_step(case)))
+        if growth is None:  # not Linux with glibc: the process's peak, less precise
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            head_like_step(case)
+            growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024  # KiB
+    print(growth)
 
 
 if __name__ == "__main__":

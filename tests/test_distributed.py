@@ -137,7 +137,7 @@ COLLECTIVE_ERRORS = {
     "update_prototypes": [
         "ValueError: update_prototypes: labels must hold class indices in [0, 4) or ignore_index=-1, "
         f"found 9 on rank 1 of the process group {RANGE_HINT}",
-        "ValueError: update_prototypes: index must hold prototype indices in [0, 3) or ignore_index=-1, "
+        "ValueError: update_prototypes: index must hold prototype indices in [0, 3) or -1 (unassigned), "
         f"found 5 on rank 0 of the process group {RANGE_HINT}",
     ],
     "ClassMemoryBank.enqueue": [
