@@ -60,6 +60,13 @@ inline void define_kernel_schemas(torch::Library& m) {
       "Tensor contrast, Tensor contrast_labels, Tensor positives, Tensor log_norm, Tensor log_b, "
       "bool in_batch, bool normalize, float temperature, float base_temperature, bool supcon, "
       "bool need_contrast_grad) -> (Tensor, Tensor)");
+  // tree_min_loss
+  m.def(
+      "tree_min_forward(Tensor logits, Tensor labels, Tensor ancestors, Tensor descendants, "
+      "Tensor node_weights, float focal_gamma, float eps) -> Tensor");
+  m.def(
+      "tree_min_backward(Tensor grad_loss, Tensor logits, Tensor labels, Tensor ancestors, "
+      "Tensor descendants, Tensor node_weights, float focal_gamma, float eps) -> Tensor");
 }
 
 }  // namespace protoseg

@@ -16,6 +16,8 @@ with fake implementations and autograd:
   against a memory bank)
 * :func:`sample_anchors` — ContrastiveSeg's hard-anchor sampling, fixed-size, on the device
 * :class:`ClassMemoryBank` — ContrastiveSeg's per-class segment and pixel queues
+* :class:`Hierarchy` — a class tree (HSSN), with :func:`tree_min_loss`,
+  :func:`tree_triplet_loss` and :func:`hierarchy_predict`
 
 Backends: ``reference``, ``cpu``, ``triton``, ``cuda`` (see
 :func:`available_backends`, :func:`use_backend` and ``$PROTOSEG_BACKEND``).
@@ -30,12 +32,14 @@ from .class_scores import (
     class_scores,
 )
 from .gumbel_index import gumbel_index
+from .hierarchy import Hierarchy
 from .pixel_contrast_loss import pixel_contrast_loss
 from .ppc_ppd_loss import PpcPpdLoss, ppc_ppd_loss
 from .prototype_similarity import prototype_similarity
 from .sample_anchors import AnchorSample, sample_anchors
 from .sinkhorn_assign import SinkhornResult, sinkhorn_assign
 from .target_similarity import target_similarity
+from .tree_min_loss import tree_min_loss
 from .update_prototypes import PrototypeUpdate, update_prototypes
 
 __version__ = "0.1.0"
@@ -43,6 +47,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AnchorSample",
     "ClassMemoryBank",
+    "Hierarchy",
     "PpcPpdLoss",
     "PrototypeUpdate",
     "ScoresWithIndex",
@@ -58,6 +63,7 @@ __all__ = [
     "sample_anchors",
     "sinkhorn_assign",
     "target_similarity",
+    "tree_min_loss",
     "update_prototypes",
     "use_backend",
 ]

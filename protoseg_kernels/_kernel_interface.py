@@ -168,3 +168,34 @@ class KernelBackend(Protocol):
         anchor, dℓ·â/τ + dℓᵀ·â/τ, added in the compute dtype before the normalisation.
         The dℓᵀ products must come from a column sweep (or another fixed-order reduction),
         not float atomics."""
+
+    # ---- tree_min_loss (docs/spec.md §11.1) ------------------------------------------
+    # Logits z [B, V, P] arrive as a view of the caller's tensor, with any strides (the
+    # [N, V] layout is [1, V, N] with node stride 1); a kernel reads them in place and never
+    # copies them. Labels [B, P] int64 arrive sanitised: a leaf in [0, C) or -1 (ignored).
+    # The tree is three small tables (protoseg_kernels/hierarchy.py): ancestors [V, L] (row v:
+    # v and its ancestors), descendants [V, S] (row v: v and its descendants), both int64 in
+    # ascending node order padded with -1, and node_weights [V] float64 (scale/|level(v)|).
+    # A kernel treats a table entry outside [0, V) as padding and a label outside [0, V) as
+    # ignored, so no call addresses memory out of bounds.
+    def tree_min_forward(
+        self, logits: Tensor, labels: Tensor, ancestors: Tensor, descendants: Tensor,
+        node_weights: Tensor, focal_gamma: float, eps: float,
+    ) -> Tensor:
+        """loss [B, P] in the compute dtype: Σ_v w_v·t_iv for a labelled pixel, 0 for an
+        ignored one, with MCL_v the min of z over row v of ``ancestors`` and MCM_v the max
+        over row v of ``descendants`` (NaN wins both), p = σ(MCL_v), q = σ(MCM_v) and
+        t_iv = −(1 − p)^γ·log(p + ε) when v is in row y_i of ``ancestors``, else
+        −q^γ·log(1 − q + ε); 1 − σ(m) is computed as σ(−m). One read of the logits."""
+
+    def tree_min_backward(
+        self, grad_loss: Tensor, logits: Tensor, labels: Tensor, ancestors: Tensor,
+        descendants: Tensor, node_weights: Tensor, focal_gamma: float, eps: float,
+    ) -> Tensor:
+        """d logits [B, V, P] in the logits' dtype (any strides; dense), for grad_loss
+        [B, P] (compute dtype). Each node v of a labelled pixel adds g_i·w_v·∂t_iv to the
+        first (smallest-index) arg-min of its MCL when positive, to the first arg-max of its
+        MCM when negative: ∂t/∂MCL = p(1 − p)^γ·[γ·log(p + ε) − (1 − p)/(p + ε)],
+        ∂t/∂MCM = q^γ(1 − q)·[q/(1 − q + ε) − γ·log(1 − q + ε)]. Every element is written
+        (0 for ignored pixels) by the one writer that owns its pixel: no atomics. One read
+        of the logits; nothing allocated but the gradient."""

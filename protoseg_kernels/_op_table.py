@@ -61,6 +61,7 @@ OPS: tuple[Op, ...] = (
     Op("update_prototypes", "docs/spec.md §3.5", (Kernel("prototype_sums"), Kernel("momentum_update"))),
     Op("pixel_contrast_loss", "docs/spec.md §10.1", (
         Kernel("pixel_contrast_forward"), Kernel("pixel_contrast_backward", prototype_grad=True))),
+    Op("tree_min_loss", "docs/spec.md §11.1", (Kernel("tree_min_forward"), Kernel("tree_min_backward"))),
 )
 
 OPS_BY_NAME: Mapping[str, Op] = {op.name: op for op in OPS}
