@@ -33,6 +33,7 @@ from .class_scores import (
 )
 from .gumbel_index import gumbel_index
 from .hierarchy import Hierarchy
+from .hierarchy_predict import hierarchy_predict
 from .pixel_contrast_loss import pixel_contrast_loss
 from .ppc_ppd_loss import PpcPpdLoss, ppc_ppd_loss
 from .prototype_similarity import prototype_similarity
@@ -40,6 +41,7 @@ from .sample_anchors import AnchorSample, sample_anchors
 from .sinkhorn_assign import SinkhornResult, sinkhorn_assign
 from .target_similarity import target_similarity
 from .tree_min_loss import tree_min_loss
+from .tree_triplet_loss import tree_triplet_loss
 from .update_prototypes import PrototypeUpdate, update_prototypes
 
 __version__ = "0.1.0"
@@ -57,6 +59,7 @@ __all__ = [
     "available_backends",
     "class_scores",
     "gumbel_index",
+    "hierarchy_predict",
     "pixel_contrast_loss",
     "ppc_ppd_loss",
     "prototype_similarity",
@@ -64,6 +67,7 @@ __all__ = [
     "sinkhorn_assign",
     "target_similarity",
     "tree_min_loss",
+    "tree_triplet_loss",
     "update_prototypes",
     "use_backend",
 ]
