@@ -8,6 +8,7 @@ Examples::
     python -m benchmarks --suite smoke --out bench-smoke --no-compile
     python -m benchmarks --only contrast         # the pixel-contrast rows of the default suite
     python -m benchmarks --only contrast_step    # the ContrastiveSeg training-step rows
+    python -m benchmarks --only hierarchy        # the HSSN loss rows (tree-min, tree-triplet)
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from typing import Any
 
 import torch
 
-from . import implementations, jobs, measure, plots, report
+from . import hssn_cases, implementations, jobs, measure, plots, report
 from .suite import SUITES, SWEEP_PRESET, build_suite
-from .worker import CONTRAST, DTYPES, STEP, Job
+from .worker import CONTRAST, DTYPES, HIERARCHY, STEP, Job
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -134,12 +135,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # the pixel-contrast and step tables of the groups that ran (--only may leave them out)
     contrast_problems = suite.contrast if CONTRAST in ran else ()
     step_problems = suite.contrast_step if STEP in ran else ()
+    hierarchy_problems = suite.hierarchy if HIERARCHY in ran else ()
     wall_s = time.perf_counter() - started
 
     preset_keys = [p.key for p in suite.presets]
     targets = report.check_targets(rows, preset_keys)
     contrast_targets = report.check_contrast_targets(rows, contrast_problems)
     step_targets = report.check_step_targets(rows, step_problems)
+    hierarchy_targets = report.check_hierarchy_targets(rows, hierarchy_problems)
     head_text = report.render_text(report.HEAD_COLUMNS, report.head_table(rows))
     op_text = report.render_text(report.OP_COLUMNS, report.op_table(rows))
     scale = f", N = per-GPU N / {suite.scale_down}" if suite.scale_down not in (None, 1) else ""
@@ -158,6 +161,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         step_text = report.render_text(report.STEP_COLUMNS, report.step_table(rows, step_problems))
         _print_group(f"ContrastiveSeg step: sampling + loss + bank update + backward {setting}", step_text,
                      "every protoseg backend, ContrastiveSeg step", step_targets)
+    if hierarchy_problems:
+        hierarchy_text = report.render_text(report.HIERARCHY_COLUMNS,
+                                            report.hierarchy_table(rows, hierarchy_problems, backends))
+        scaled = [p.name for p in hierarchy_problems if p != hssn_cases.SETTINGS[p.name].problem]
+        note = f", {', '.join(scaled)} pixels / {hssn_cases.CPU_TREE_MIN_SCALE_DOWN}" if scaled else ""
+        _print_group(f"HSSN losses: tree_min_loss and tree_triplet_loss forward + backward "
+                     f"({device.type}, {args.dtype}{note})", hierarchy_text, "best protoseg backend, HSSN losses",
+                     hierarchy_targets)
 
     document = {
         "meta": {
@@ -177,6 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "targets": targets,
         "contrast_targets": contrast_targets,
         "contrast_step_targets": step_targets,
+        "hierarchy_targets": hierarchy_targets,
     }
     report.write_json(document, out_dir / "results.json")
     report.write_csv(rows, out_dir / "results.csv")
@@ -191,6 +203,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         step_md = report.render_markdown(report.STEP_COLUMNS, report.step_table(rows, step_problems))
         (out_dir / "contrast_step.md").write_text(step_md + "\n")
         written.append("contrast_step.md")
+    if hierarchy_problems:
+        hierarchy_md = report.render_markdown(report.HIERARCHY_COLUMNS,
+                                              report.hierarchy_table(rows, hierarchy_problems, backends))
+        (out_dir / "hierarchy.md").write_text(hierarchy_md + "\n")
+        written.append("hierarchy.md")
     if not args.no_plots:
         subtitle = f"{device.type}, {args.dtype}"
         preset = SWEEP_PRESET if suite.name != "smoke" else suite.sweep[0].name

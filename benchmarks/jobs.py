@@ -12,11 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import contrast_cases
+from . import contrast_cases, hssn_cases
 from .implementations import BASELINE, COMPILED, FLOOR
 from .problems import Problem
 from .suite import Suite
-from .worker import CONTRAST, HEAD, OPS, STEP, Job, jobs_to_json
+from .worker import CONTRAST, HEAD, HIERARCHY, OPS, STEP, Job, jobs_to_json
 from .worker import FLOOR as FLOOR_GROUP
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +47,8 @@ def plan_jobs(suite: Suite, backends: list[str], device: str, dtype: str, tf32: 
     problems = list(dict.fromkeys(p for group, p, _ in wanted if group != STEP))
     for p in suite.contrast_step:  # whole training steps: no GEMM floor
         wanted += [(STEP, p, impl) for impl in [BASELINE] + backends]
+    for p in suite.hierarchy:  # HSSN losses: no GEMM floor; the backends that implement the op
+        wanted += [(HIERARCHY, p, impl) for impl in [BASELINE] + hssn_cases.fused_impls(p, backends)]
     wanted = [(FLOOR_GROUP, p, FLOOR) for p in problems] + wanted
     return [
         Job(group, p, impl, device, dtype, suite.plan, threads=suite.threads, tf32=tf32)
@@ -54,7 +56,7 @@ def plan_jobs(suite: Suite, backends: list[str], device: str, dtype: str, tf32: 
     ]
 
 
-GROUPS = (HEAD, OPS, CONTRAST, STEP)
+GROUPS = (HEAD, OPS, CONTRAST, STEP, HIERARCHY)
 
 
 def only_groups(planned: list[Job], groups: list[str]) -> list[Job]:

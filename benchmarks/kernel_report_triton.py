@@ -57,6 +57,7 @@ def _backend_calls(n: int, d: int, c: int, k: int, dtype: torch.dtype) -> None:
     sums, counts = tk.prototype_sums(x, labels, c * k, True)
     tk.momentum_update(p, sums, counts, 0.999, True)
     _pixel_contrast_calls(t, d, c)
+    _tree_min_calls(t)
 
 
 def _pixel_contrast_calls(t: Any, d: int, c: int) -> None:
@@ -76,6 +77,23 @@ def _pixel_contrast_calls(t: Any, d: int, c: int) -> None:
             for need_contrast_grad in ((False,) if in_batch else (False, True)):
                 tk.pixel_contrast_backward(g, anchors, anchor_labels, columns, labels, positives, stats, log_b,
                                            in_batch, True, 0.1, 0.07, supcon, need_contrast_grad)
+
+
+def _tree_min_calls(t: Any) -> None:
+    """tree_min_loss at its docs/spec.md §7 preset, whatever the similarity preset: Cityscapes
+    logits [2, 26, 512, 1024] (as the op passes them, [B, V, H·W]) on pk.Hierarchy.cityscapes(),
+    without focal weight, with HSSN's γ = 2 (a square) and with another γ (a power)."""
+    import protoseg_kernels as pk
+    from protoseg_kernels import triton as tk
+
+    hierarchy = pk.Hierarchy.cityscapes()
+    tables = hierarchy.tables(META)
+    b, p = 2, 512 * 1024
+    logits, labels, g = t(b, hierarchy.num_nodes, p), t(b, p, dt=torch.int64), t(b, p, dt=torch.float32)
+    weights = tables.node_weights * 5.0
+    for gamma in (0.0, 2.0, 1.5):
+        tk.tree_min_forward(logits, labels, tables.ancestors, tables.descendants, weights, gamma, 1e-8)
+        tk.tree_min_backward(g, logits, labels, tables.ancestors, tables.descendants, weights, gamma, 1e-8)
 
 
 _SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}

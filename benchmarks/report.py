@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from . import contrast_cases, contrast_step
+from . import contrast_cases, contrast_step, hssn_cases
 from .flops import HEAD_FLOOR, floor_gemms
 from .implementations import BASELINE, COMPILED, FLOOR, display_name, is_backend
 
@@ -188,6 +188,27 @@ def step_table(rows: list[Row], problems: Iterable) -> list[list[str]]:
     return table
 
 
+HIERARCHY_COLUMNS = STEP_COLUMNS
+
+
+def hierarchy_table(rows: list[Row], problems: Iterable, backends: Iterable[str] = ()) -> list[list[str]]:
+    """HSSN loss fwd+bwd rows (tree-min, tree-triplet), one block per problem, the original
+    code first; then a line for each of ``backends`` that does not implement the op."""
+    table = []
+    for p in problems:
+        label = hssn_cases.label_of(p)
+        block = [r for r in rows if r["group"] == "hierarchy" and _problem_key(r) == p.key]
+        block.sort(key=lambda r: r["impl"] != BASELINE)  # stable: the backends keep their order
+        for row in block:
+            cells = _cells(row)
+            if _ok(row):  # no FLOP count and no floor
+                cells = cells[:2] + cells[4:]
+            table.append([label, display_name(row["impl"])] + cells)
+        table += [[label, display_name(b), f"not run: {reason}"]
+                  for b, reason in hssn_cases.skipped_backends(p, list(backends))]
+    return table
+
+
 def render_text(header: list[str], table: list[list[str]]) -> str:
     widths = [max([len(h)] + [len(r[i]) for r in table if i < len(r)]) for i, h in enumerate(header)]
 
@@ -283,6 +304,28 @@ def check_step_targets(rows: list[Row], problems: Iterable) -> list[dict[str, An
         for r in rows
         if r["group"] == "contrast_step" and _problem_key(r) == p.key and _ok(r) and is_backend(r["impl"])
     ]
+
+
+def check_hierarchy_targets(rows: list[Row], problems: Iterable) -> list[dict[str, Any]]:
+    """docs/spec.md §7 HSSN targets: at the presets, the best protoseg backend's speed-up and
+    peak extra memory against the original code (tree-min ≥ 3×, ≤ 1/5; tree-triplet ≥ 5×,
+    ≤ 1/10); everywhere, no host synchronisation (every protoseg backend)."""
+    results = []
+    for p in problems:
+        s = hssn_cases.settings_of(p)
+        ours = [r for r in rows if r["group"] == "hierarchy" and _problem_key(r) == p.key and _ok(r)
+                and is_backend(r["impl"])]
+        if not ours:
+            continue
+        if s.targets:
+            best = min(ours, key=lambda r: r["median_ms"])
+            min_speedup, max_memory = hssn_cases.TARGETS[s.op]
+            label = f"{s.label} [{best['impl']}]"
+            results.append(_check("speed-up vs baseline", best.get("speedup"), min_speedup, True, label))
+            results.append(_check("peak memory / baseline", best.get("memory_vs_baseline"), max_memory, False, label))
+        results += [_check("host syncs per step", r.get("host_syncs"), 0, False, f"{s.label} [{r['impl']}]")
+                    for r in ours]
+    return results
 
 
 def render_targets(results: list[dict[str, Any]]) -> str:

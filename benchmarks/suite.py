@@ -15,7 +15,10 @@
 * ``default`` and ``full`` also time the pixel-contrast presets of docs/spec.md §7
   (benchmarks/contrast_cases.py: in-batch, bank, dense with A / 8 on a CPU) and the whole
   ContrastiveSeg training step of docs/spec.md §12 (benchmarks/contrast_step.py: sampling,
-  loss, bank update and backward, bank and in-batch, the same sizes on a CPU and a GPU).
+  loss, bank update and backward, bank and in-batch, the same sizes on a CPU and a GPU), and
+  HSSN's two losses forward + backward (benchmarks/hssn_cases.py: tree-min at the Cityscapes
+  logits, their pixel count / 4 on a CPU; tree-triplet on the stride-8 embedding, the same
+  size on a CPU and a GPU).
 * ``smoke``: tiny sizes, two timed runs, one thread and one worker process, for
   the test suite (no RSS column: that needs a process per implementation).
 """
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import contrast_step
+from . import contrast_step, hssn_cases
 from .contrast_cases import presets as contrast_presets
 from .measure import TimingPlan
 from .problems import CPU_PRESET_SCALE_DOWN, CPU_SCALE_DOWN, PRESETS, Problem
@@ -51,6 +54,7 @@ class Suite:
     # (the sweep and op rows on a CPU: per-GPU N / CPU_SCALE_DOWN)
     contrast: tuple[Problem, ...] = ()  # pixel-contrast rows (benchmarks/contrast_cases.py)
     contrast_step: tuple[Problem, ...] = ()  # ContrastiveSeg steps (benchmarks/contrast_step.py)
+    hierarchy: tuple[Problem, ...] = ()  # HSSN losses (benchmarks/hssn_cases.py)
 
 
 def _preset_problems(scale_down: int) -> tuple[Problem, ...]:
@@ -71,7 +75,8 @@ def build_suite(name: str, device_type: str, compile_baseline: bool = True) -> S
         plan = TimingPlan(warmup=1, min_runs=2, max_runs=2, target_seconds=0.0)
         return Suite(name, (TINY,), (TINY.with_n(128), TINY), (TINY,), plan, compile_baseline, False,
                      isolate=False, threads=1, scale_down=None, contrast=TINY_CONTRAST,
-                     contrast_step=contrast_step.problems(contrast_step.TINY))
+                     contrast_step=contrast_step.problems(contrast_step.TINY),
+                     hierarchy=hssn_cases.problems(device_type, hssn_cases.TINY))
     if name == "memory":
         plan = TimingPlan(warmup=1, min_runs=3, max_runs=3, target_seconds=0.0)
         return Suite(name, _preset_problems(1), (), (), plan, False, False)
@@ -85,9 +90,11 @@ def build_suite(name: str, device_type: str, compile_baseline: bool = True) -> S
         sweep = _sweep(scale_down, (1, 2, 4, 8))
         ops = small if gpu else tuple(p for p in small if p.name == SWEEP_PRESET)
         return Suite(name, presets, sweep, ops, plan, compile_baseline, False, scale_down=preset_scale,
-                     contrast=contrast_presets(device_type), contrast_step=contrast_step.problems())
+                     contrast=contrast_presets(device_type), contrast_step=contrast_step.problems(),
+                     hierarchy=hssn_cases.problems(device_type))
     plan = TimingPlan(warmup=10, min_runs=50, max_runs=500, target_seconds=3.0) if gpu else \
         TimingPlan(warmup=3, min_runs=10, max_runs=30, target_seconds=5.0)
     sweep = _sweep(scale_down, (1, 2, 4, 8, 16))
     return Suite(name, presets, sweep, small, plan, compile_baseline, compile_baseline, scale_down=preset_scale,
-                 contrast=contrast_presets(device_type), contrast_step=contrast_step.problems())
+                 contrast=contrast_presets(device_type), contrast_step=contrast_step.problems(),
+                 hierarchy=hssn_cases.problems(device_type))

@@ -24,19 +24,20 @@ from typing import Any
 
 import torch
 
-from . import contrast_cases, contrast_step, flops, implementations, measure, op_cases
+from . import contrast_cases, contrast_step, flops, hssn_cases, implementations, measure, op_cases
 from .measure import Case, TimingPlan
 from .problems import Problem, make_head_inputs
 from .step import HeadConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HEAD, OPS, FLOOR, CONTRAST, STEP = "head", "ops", "floor", "contrast", "contrast_step"
+HIERARCHY = "hierarchy"
 HEAD_OP, HEAD_MODE = "head_step", "step"
 
 
 @dataclass(frozen=True)
 class Job:
-    group: str  # HEAD, OPS, FLOOR, CONTRAST or STEP
+    group: str  # HEAD, OPS, FLOOR, CONTRAST, STEP or HIERARCHY
     problem: Problem
     impl: str
     device: str = "cpu"
@@ -66,6 +67,8 @@ def _cases(job: Job) -> list[tuple[str, str, Case]]:
     backend = job.impl if implementations.is_backend(job.impl) else None
     if job.group == STEP:
         return contrast_step.cases(backend, job.problem, device, DTYPES[job.dtype], job.seed)
+    if job.group == HIERARCHY:
+        return hssn_cases.cases(backend, job.problem, device, DTYPES[job.dtype], job.seed)
     if job.problem.contrast:
         return contrast_cases.cases(job.group == FLOOR, backend, job.problem, device, DTYPES[job.dtype], job.seed)
     inputs = make_head_inputs(job.problem, device, DTYPES[job.dtype], job.seed)
@@ -83,7 +86,7 @@ def _cases(job: Job) -> list[tuple[str, str, Case]]:
 
 
 def _flops(job: Job, op: str, mode: str) -> int | None:
-    if job.group == STEP:  # no FLOP count: sampling and bookkeeping are most of the naive step
+    if job.group in (STEP, HIERARCHY):  # no FLOP count: sampling, bookkeeping, element-wise work
         return None
     if job.problem.contrast:
         return contrast_cases.flops(job.problem) if job.group != FLOOR else None

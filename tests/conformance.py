@@ -347,3 +347,46 @@ def check_pixel_contrast_loss(
     assert outs["loss"].dtype == expected, f"loss dtype {outs['loss'].dtype}"
     assert outs["d anchors"].dtype == dtype
     _compare_all(dtype, outs, refs, plains)
+
+
+# ---- tree_min_loss ---------------------------------------------------------------
+
+def hierarchy_for(num_leaves: int) -> pk.Hierarchy:
+    """Leaves in pairs under superclasses, the superclasses in pairs under roots: three
+    levels (two for a single leaf)."""
+    if num_leaves == 1:
+        return pk.Hierarchy.flat(1)
+    groups = [range(start, min(start + 2, num_leaves)) for start in range(0, num_leaves, 2)]
+    supers, roots = num_leaves + len(groups), (len(groups) + 1) // 2
+    parents = [num_leaves + leaf // 2 for leaf in range(num_leaves)]
+    parents += [supers + g // 2 for g in range(len(groups))] + [-1] * roots
+    return pk.Hierarchy(parents)
+
+
+def check_tree_min_loss(backend: str, case: Case, dtype: torch.dtype, *, focal_gamma: float | None = 2.0,
+                        image: bool = False) -> None:
+    """Per-pixel loss and d logits against the float64 reference, on [N, V] logits (or, with
+    ``image``, the same pixels as a [1, V, 1, N] map)."""
+    n, _, c, _ = case.shape
+    hierarchy = hierarchy_for(c)
+    g = torch.Generator().manual_seed(12)
+    z = (2 * torch.randn(n, hierarchy.num_nodes, generator=g, dtype=F64)).to(case.x.device)
+    labels = case.labels
+    if image:
+        z, labels = z.t().reshape(1, hierarchy.num_nodes, 1, n), labels.reshape(1, 1, n)
+    weights = _upstream(tuple(labels.shape), 13, case.x.device)
+
+    def run(on: str, logits: Tensor) -> tuple[Tensor, Tensor]:
+        leaf = _leaf(logits, logits.dtype)
+        with pk.use_backend(on):
+            loss = pk.tree_min_loss(leaf, labels, hierarchy, focal_gamma=focal_gamma, reduction="none")
+        (grad,) = _grads([loss], [weights], [leaf])
+        return loss, grad
+
+    ref_loss, ref_grad = run("reference", z.to(dtype).to(F64))
+    loss, grad = run(backend, z.to(dtype))
+    assert grad.dtype == dtype and grad.shape == z.shape
+    plain = None
+    if dtype in (torch.float16, torch.bfloat16):
+        plain = {"loss": ref_loss.float(), "d logits": ref_grad.to(dtype)}  # one rounding to the dtype
+    _compare_all(dtype, {"loss": loss, "d logits": grad}, {"loss": ref_loss, "d logits": ref_grad}, plain)
