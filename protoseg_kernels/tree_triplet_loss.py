@@ -87,28 +87,36 @@ def _(embedding, anchors, positives, negatives, margin):
 
 
 def _empty_gradient(embedding: Tensor) -> Tensor:
-    """Zeros for d embedding [B, D, P], stored pixel-major so that rows can be added."""
-    b, d, p = embedding.shape
-    return embedding.new_zeros(b, p, d, dtype=compute_dtype(embedding.dtype)).permute(0, 2, 1)
+    """Zeros for d embedding [B, D, P] in the compute dtype, laid out as the embedding (so
+    that autograd passes it on without a layout copy, e.g. into a leaf's ``.grad``)."""
+    return torch.zeros_like(embedding, dtype=compute_dtype(embedding.dtype))
+
+
+def _element_offsets(result: Tensor, pixels: Tensor) -> Tensor:
+    """[Q, D] storage offsets of result[b, :, p] for flat pixel ids b·P + p, whatever the
+    layout of result [B, D, P] (dense, as :func:`_empty_gradient` makes it)."""
+    stride_b, stride_d, stride_p = result.stride()
+    p = result.shape[2]
+    rows = (pixels // p) * stride_b + (pixels % p) * stride_p
+    return rows.unsqueeze(1) + torch.arange(result.shape[1], device=pixels.device) * stride_d
 
 
 @torch.library.custom_op("protoseg::tree_triplet_loss_backward", mutates_args=())
 def _triplet_backward_op(
     grad: Tensor, embedding: Tensor, anchors: Tensor, positives: Tensor, negatives: Tensor, margin: float
 ) -> Tensor:
-    """d embedding [B, D, P] (pixel-major strides) in the embedding's dtype."""
+    """d embedding [B, D, P] in the embedding's dtype and layout."""
     upper = max(embedding.shape[0] * embedding.shape[2] - 1, 0)
     result = _empty_gradient(embedding)
-    rows = result.permute(0, 2, 1).view(-1, embedding.shape[1])  # [B·P, D], a view
+    storage = result.as_strided((result.numel(),), (1,))  # every element once: the layout is dense
     for start, stop in _chunks(anchors.shape[0]):
         ids = [t[start:stop].clamp(0, upper) for t in (anchors, positives, negatives)]
         a, p, n = (_gather_rows(embedding, i) for i in ids)
         active = (a * (n - p)).sum(1) + margin > 0
         w = torch.where(active, grad[start:stop].to(a.dtype), 0).unsqueeze(1)
         taken = w != 0  # a padding or inactive triplet adds nothing, not 0·NaN
-        rows.index_add_(0, ids[0], torch.where(taken, w * (n - p), 0))
-        rows.index_add_(0, ids[1], torch.where(taken, -w * a, 0))
-        rows.index_add_(0, ids[2], torch.where(taken, w * a, 0))
+        for pixels, rows in ((ids[0], w * (n - p)), (ids[1], -w * a), (ids[2], w * a)):
+            storage.index_add_(0, _element_offsets(result, pixels).view(-1), torch.where(taken, rows, 0).view(-1))
     return result.to(embedding.dtype)
 
 

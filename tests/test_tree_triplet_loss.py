@@ -67,6 +67,30 @@ def test_flat_layout_and_channels_last_agree_with_nchw():
     assert float(pk.tree_triplet_loss(cl, labels, h)) == pytest.approx(float(reference), abs=1e-14)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "flat", "flat_transposed"])
+def test_the_gradient_comes_in_the_embedding_layout_and_equals_the_nchw_one(layout):
+    """A gradient laid out as its input reaches a leaf's .grad without a layout copy (autograd
+    copies a gradient of other strides into the leaf's: an embedding-sized allocation) and is
+    the same numbers in every layout."""
+    h = pk.Hierarchy.cityscapes()
+    embedding, labels = make_inputs(5, h, classes=8)
+    (expected,) = torch.autograd.grad(pk.tree_triplet_loss(embedding, labels, h), embedding)
+    base = embedding.detach()
+    if layout == "nchw":
+        x, x_labels, as_nchw = base.clone(), labels, lambda g: g
+    elif layout == "channels_last":
+        x, x_labels, as_nchw = base.to(memory_format=torch.channels_last), labels, lambda g: g
+    else:
+        rows = base.permute(0, 2, 3, 1).reshape(-1, base.shape[1])
+        x = rows.clone() if layout == "flat" else rows.t().contiguous().t()
+        x_labels = labels.reshape(-1)
+        as_nchw = lambda g: g.view(base.shape[0], *base.shape[2:], base.shape[1]).permute(0, 3, 1, 2)  # noqa: E731
+    x.requires_grad_()
+    (grad,) = torch.autograd.grad(pk.tree_triplet_loss(x, x_labels, h), x)  # as the op returns it
+    assert grad.stride() == x.stride()
+    torch.testing.assert_close(as_nchw(grad), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_gradcheck():
     embedding, labels = make_inputs(5, THREE_LEVELS)
     def loss(e):
