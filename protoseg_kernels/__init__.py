@@ -17,7 +17,7 @@ with fake implementations and autograd:
 * :func:`sample_anchors` — ContrastiveSeg's hard-anchor sampling, fixed-size, on the device
 * :class:`ClassMemoryBank` — ContrastiveSeg's per-class segment and pixel queues
 * :class:`Hierarchy` — a class tree (HSSN), with :func:`tree_min_loss`,
-  :func:`tree_triplet_loss` and :func:`hierarchy_predict`
+  :func:`tree_triplet_loss`, :func:`hierarchy_predict` and :func:`hierarchy_scores`
 
 Backends: ``reference``, ``cpu``, ``triton``, ``cuda`` (see
 :func:`available_backends`, :func:`use_backend` and ``$PROTOSEG_BACKEND``).
@@ -33,7 +33,7 @@ from .class_scores import (
 )
 from .gumbel_index import gumbel_index
 from .hierarchy import Hierarchy
-from .hierarchy_predict import hierarchy_predict
+from .hierarchy_predict import hierarchy_predict, hierarchy_scores
 from .pixel_contrast_loss import pixel_contrast_loss
 from .ppc_ppd_loss import PpcPpdLoss, ppc_ppd_loss
 from .prototype_similarity import prototype_similarity
@@ -60,6 +60,7 @@ __all__ = [
     "class_scores",
     "gumbel_index",
     "hierarchy_predict",
+    "hierarchy_scores",
     "pixel_contrast_loss",
     "ppc_ppd_loss",
     "prototype_similarity",

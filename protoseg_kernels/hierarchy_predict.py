@@ -1,4 +1,4 @@
-"""``hierarchy_predict``: HSSN's hierarchy-aware inference (docs/spec.md §11.3).
+"""``hierarchy_predict`` and ``hierarchy_scores``: HSSN's hierarchy-aware inference (docs/spec.md §11.3).
 
 * ``rule="softmax_sum"`` (the original): P = softmax of the logits over all V nodes; each
   leaf scores its own probability plus its ancestors'; the prediction is the argmax over
@@ -22,16 +22,18 @@ OP = "hierarchy_predict"
 RULES = ("softmax_sum", "path_min")
 
 
-def hierarchy_predict(logits: Tensor, hierarchy: Hierarchy, *, rule: str = "softmax_sum") -> Tensor:
-    """Leaf predictions from node logits.
+def hierarchy_scores(logits: Tensor, hierarchy: Hierarchy, *, rule: str = "softmax_sum") -> Tensor:
+    """Leaf scores whose argmax over leaves is :func:`hierarchy_predict`'s prediction.
 
     Args:
         logits: [N, V] or [B, V, H, W] floating node logits (leaves first).
         hierarchy: the class tree.
-        rule: ``"softmax_sum"`` or ``"path_min"`` (module docstring).
+        rule: ``"softmax_sum"``: probability of the leaf plus its ancestors' (fp32, or fp64
+            for fp64 logits); ``"path_min"``: the min logit along the leaf's path (the
+            logits' dtype; monotone in MCL).
 
     Returns:
-        int64 leaf ids [N] or [B, H, W].
+        [N, C] or [B, C, H, W] scores (C = ``hierarchy.num_leaves``).
     """
     hierarchy = check_hierarchy(OP, hierarchy)
     z, flat = _nodes_as_channels(OP, logits, hierarchy.num_nodes)  # [B, V, P]
@@ -45,5 +47,20 @@ def hierarchy_predict(logits: Tensor, hierarchy: Hierarchy, *, rule: str = "soft
         scores = torch.einsum("cv,bvp->bcp", on_path[:, :-1], probabilities)
     else:
         scores = z[:, paths.clamp_min(0), :].amin(2)  # every leaf's path is full (equal depth)
-    prediction = scores.argmax(1)  # [B, P]
-    return prediction[0] if flat else prediction.view(logits.shape[0], *logits.shape[2:])
+    if flat:
+        return scores[0].t()
+    return scores.view(logits.shape[0], hierarchy.num_leaves, *logits.shape[2:])
+
+
+def hierarchy_predict(logits: Tensor, hierarchy: Hierarchy, *, rule: str = "softmax_sum") -> Tensor:
+    """Leaf predictions from node logits: the argmax over leaves of :func:`hierarchy_scores`.
+
+    Args:
+        logits: [N, V] or [B, V, H, W] floating node logits (leaves first).
+        hierarchy: the class tree.
+        rule: ``"softmax_sum"`` or ``"path_min"`` (module docstring).
+
+    Returns:
+        int64 leaf ids [N] or [B, H, W].
+    """
+    return hierarchy_scores(logits, hierarchy, rule=rule).argmax(1 if logits.dim() == 4 else -1)

@@ -1,4 +1,4 @@
-"""hierarchy_predict (docs/spec.md §11.3) against per-pixel loops."""
+"""hierarchy_predict and hierarchy_scores (docs/spec.md §11.3) against per-pixel loops."""
 
 from __future__ import annotations
 
@@ -34,6 +34,22 @@ def test_every_image_of_a_batch(hierarchy, rule):
     rows = z.permute(0, 2, 3, 1).reshape(-1, hierarchy.num_nodes)
     assert torch.equal(prediction.reshape(-1), literal(rows, hierarchy, rule))
     assert torch.equal(pk.hierarchy_predict(rows, hierarchy, rule=rule), prediction.reshape(-1))
+
+
+@pytest.mark.parametrize("rule", ["softmax_sum", "path_min"])
+def test_scores_are_the_per_leaf_path_scores_in_the_input_layout(rule):
+    z = torch.randn(2, THREE_LEVELS.num_nodes, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    scores = pk.hierarchy_scores(z, THREE_LEVELS, rule=rule)
+    assert scores.shape == (2, THREE_LEVELS.num_leaves, 3, 4) and scores.dtype == torch.float64
+    probabilities = z.softmax(1)
+    for c, path in enumerate(THREE_LEVELS.paths[: THREE_LEVELS.num_leaves]):
+        on_path = probabilities[:, list(path)].sum(1) if rule == "softmax_sum" else z[:, list(path)].amin(1)
+        torch.testing.assert_close(scores[:, c], on_path, rtol=1e-12, atol=1e-12)
+    rows = z.permute(0, 2, 3, 1).reshape(-1, THREE_LEVELS.num_nodes)
+    flat = pk.hierarchy_scores(rows, THREE_LEVELS, rule=rule)
+    assert flat.shape == (rows.shape[0], THREE_LEVELS.num_leaves)
+    torch.testing.assert_close(flat, scores.permute(0, 2, 3, 1).reshape(-1, THREE_LEVELS.num_leaves))
+    assert torch.equal(scores.argmax(1), pk.hierarchy_predict(z, THREE_LEVELS, rule=rule))
 
 
 def test_ancestor_probability_changes_the_softmax_sum_choice():
