@@ -19,6 +19,7 @@ import torch
 
 from .config import Config, ConfigError, build_config
 from .data import IGNORE_INDEX
+from .hierarchies import model_hierarchy
 from .model import SegmentationModel, build_model
 
 FORMAT_VERSION = 2
@@ -137,6 +138,7 @@ def model_from_checkpoint(
     except ConfigError as exc:
         raise _refuse(Path(path), f"holds a config this protoseg does not accept ({exc})") from exc
     class_names = tuple(state["class_names"])
-    model = build_model(config.model, len(class_names), IGNORE_INDEX)
+    model = build_model(config.model, len(class_names), IGNORE_INDEX,
+                        hierarchy=model_hierarchy(config, class_names))
     model.load_state_dict(state["model"])
     return model.to(device).eval(), config, class_names, state

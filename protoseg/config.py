@@ -16,6 +16,8 @@ from typing import Any, Optional, Union, get_args, get_origin
 
 import yaml
 
+from .hierarchies import HIERARCHY_NAMES
+
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or invalid."""
@@ -35,7 +37,7 @@ class ModelConfig:
     width: int = _positive(32)  # small_cnn channel width
     output_stride: int = _choice(8, 8, 16, 32)  # ResNet backbones
     pretrained: bool = False  # ResNet: torchvision's ImageNet weights (downloads them)
-    head: str = _choice("protoseg", "protoseg", "linear", "contrast")
+    head: str = _choice("protoseg", "protoseg", "linear", "contrast", "hssn")
     num_prototypes: int = _positive(10)
     embed_dim: Optional[int] = _positive(None)  # None: the backbone's channels
     projection: str = _choice("mlp", "mlp", "linear", "none")
@@ -44,7 +46,7 @@ class ModelConfig:
     sinkhorn_epsilon: float = _positive(0.05)
     sinkhorn_iterations: int = _positive(3, strict=False)
     assignment: Optional[str] = _choice(None, None, "argmax", "gumbel")
-    compat: Optional[str] = _choice(None, None, "protoseg", "contrastiveseg")
+    compat: Optional[str] = _choice(None, None, "protoseg", "contrastiveseg", "hssn")
     warmup_iters: int = _positive(0, strict=False)
     # head=contrast (ContrastiveSeg, docs/spec.md §10, §12); embed_dim None means 256 there
     contrast_set: str = _choice("in_batch", "in_batch", "bank")
@@ -55,6 +57,16 @@ class ModelConfig:
     max_views: int = _positive(100)
     memory_size: int = _positive(5000)
     pixels_per_class: int = _positive(10)
+    # head=hssn (HSSN, docs/spec.md §11, §12); embed_dim None means 256 there
+    hierarchy: Optional[str] = _choice(None, None, *HIERARCHY_NAMES)  # None: the dataset's
+    tree_min_scale: float = _positive(5.0)
+    focal_gamma: Optional[float] = _positive(None, strict=False)  # None: the plain tree-min loss
+    triplet_weight: float = _positive(0.5, strict=False)  # f(t) after the ramp
+    triplet_ramp_iters: int = _positive(80000, strict=False)  # T of f(t)
+    max_triplet: int = _positive(200)
+    triplet_margin: float = _positive(0.6, strict=False)
+    triplet_selection: str = _choice("first", "first", "random")
+    hierarchy_rule: str = _choice("softmax_sum", "softmax_sum", "path_min")
 
 
 @dataclass
@@ -191,7 +203,7 @@ def _check_consistency(config: Config) -> None:
     model = config.model
     if model.compat == "protoseg" and model.assignment == "argmax":
         raise ConfigError("model.compat='protoseg' uses the Gumbel assignment; remove model.assignment=argmax")
-    compat_heads = {"protoseg": "protoseg", "contrastiveseg": "contrast"}
+    compat_heads = {"protoseg": "protoseg", "contrastiveseg": "contrast", "hssn": "hssn"}
     if model.compat is not None and model.head != compat_heads[model.compat]:
         raise ConfigError(f"model.compat={model.compat!r} needs model.head={compat_heads[model.compat]!r}, "
                           f"got {model.head!r}")

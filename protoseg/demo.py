@@ -1,10 +1,11 @@
 """``python -m protoseg.demo`` (``make demo``): every head of the package side by side.
 
 Trains the small CNN with each head on the same schedule (packaged config ``demo``), on
-the embedded synthetic scenes: ProtoSeg, a 1×1 conv classifier (linear), and ContrastiveSeg
+the embedded synthetic scenes: ProtoSeg, a 1×1 conv classifier (linear), ContrastiveSeg
 (the linear classifier plus a projection head trained with pixel contrast against the
-memory bank); prints their per-class IoU side by side and writes the checkpoints, logs
-and figures under ``--out`` (default ``runs/demo``).
+memory bank) and HSSN (node logits over the dataset's two-level hierarchy, tree-min,
+per-level cross-entropies and the tree-triplet loss); prints their per-class IoU side by side
+and writes the checkpoints, logs and figures under ``--out`` (default ``runs/demo``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from .config import load_config
 from .evaluation import format_iou_table
 
-RUNS = {"ProtoSeg": "protoseg", "linear": "linear", "ContrastiveSeg": "contrast"}  # title: model.head
+RUNS = {"ProtoSeg": "protoseg", "linear": "linear", "ContrastiveSeg": "contrast", "HSSN": "hssn"}  # title: model.head
 
 
 def train_run(head: str, out: Path, extra: Sequence[str]) -> dict:
@@ -36,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m protoseg.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help="overrides applied to both runs (e.g. optim.iters=100)")
+                        help="overrides applied to every run (e.g. optim.iters=100)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     start = time.perf_counter()

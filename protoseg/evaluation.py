@@ -41,6 +41,19 @@ class ConfusionMatrix:
         """Sum the counts of every rank (each evaluated its own share of the images)."""
         dist.all_reduce(self.counts, group=group)
 
+    def coarsen(self, groups: Tensor, num_groups: int) -> ConfusionMatrix:
+        """The matrix of the classes grouped by ``groups`` [C] (class → group in [0, G)): the
+        confusion of a coarser level of a hierarchy, when a prediction's group is the group of
+        the predicted class (exact: each pixel's pair (t, p) moves to (groups[t], groups[p]))."""
+        groups = groups.to(device=self.counts.device, dtype=torch.int64)
+        if groups.shape != (self.num_classes,) or bool(((groups < 0) | (groups >= num_groups)).any()):
+            raise ValueError(f"groups must map each of the {self.num_classes} classes to a group in "
+                             f"[0, {num_groups}), got {groups.tolist()}")
+        coarse = ConfusionMatrix(num_groups, self.ignore_index, self.counts.device)
+        pairs = (groups[:, None] * num_groups + groups[None, :]).reshape(-1)
+        coarse.counts.view(-1).index_add_(0, pairs, self.counts.reshape(-1))
+        return coarse
+
     def iou(self) -> Tensor:
         """IoU per class (float64); NaN for a class neither present nor predicted."""
         counts = self.counts.double()
@@ -67,14 +80,28 @@ class ConfusionMatrix:
         }
 
 
+def level_summaries(matrix: ConfusionMatrix, hierarchy: Any) -> dict[str, dict]:
+    """{"level h": summary} for each internal level h of a :class:`~protoseg_kernels.Hierarchy`,
+    from the leaf matrix (a pixel's class at level h is its leaf's ancestor there)."""
+    levels = {}
+    for height in range(1, hierarchy.depth + 1):
+        nodes = hierarchy.level(height)
+        names = [hierarchy.names[n] if hierarchy.names else str(n) for n in nodes]
+        coarse = matrix.coarsen(hierarchy.leaf_ancestors(height), len(nodes))
+        levels[f"level {height}"] = coarse.summary(names)
+    return levels
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], num_classes: int, ignore_index: int,
     device: torch.device, amp_dtype: torch.dtype | None = None,
 ) -> ConfusionMatrix:
     """Predict each batch (logits upsampled to the label size, bilinear with
-    align_corners=True) and accumulate the confusion matrix. ``amp_dtype``: run
+    align_corners=True, then argmax; or the head's own ``predict(output, size)`` where it
+    has one, as the HSSN head) and accumulate the confusion matrix. ``amp_dtype``: run
     the model under autocast to that dtype. Restores the model's training mode."""
+    predict = getattr(getattr(model, "head", None), "predict", None)
     was_training = model.training
     model.eval()
     matrix = ConfusionMatrix(num_classes, ignore_index, device)
@@ -82,8 +109,11 @@ def evaluate(
         for images, labels in batches:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                seg = model(images).seg
-            prediction = upsample_logits(seg.float(), labels.shape[-2:]).argmax(dim=1)
+                output = model(images)
+            if predict is not None:
+                prediction = predict(output, labels.shape[-2:])
+            else:
+                prediction = upsample_logits(output.seg.float(), labels.shape[-2:]).argmax(dim=1)
             matrix.update(prediction, labels)
     finally:
         model.train(was_training)

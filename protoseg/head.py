@@ -55,6 +55,9 @@ class HeadOutput(NamedTuple):
     losses when prototypes were learned in this forward, else None. ``target``:
     [N] flat prototype index c·K + k of each pixel (-1 unlabelled), or None.
     ``contrast``: the pixel-contrast loss of a contrast head in training, else None.
+    ``nodes``: node logits [b, V, h, w] of the HSSN head (leaves first), else None.
+    ``tree_min``, ``level_ce``, ``triplet``: the HSSN head's weighted loss terms in training
+    (tree-min, the cross-entropies of the internal levels, f(t)·tree-triplet), else None.
     """
 
     seg: Tensor
@@ -62,6 +65,10 @@ class HeadOutput(NamedTuple):
     ppd: Tensor | None = None
     target: Tensor | None = None
     contrast: Tensor | None = None
+    nodes: Tensor | None = None
+    tree_min: Tensor | None = None
+    level_ce: Tensor | None = None
+    triplet: Tensor | None = None
 
 
 def build_projection(kind: str, in_channels: int, embed_dim: int) -> nn.Module:

@@ -1,5 +1,5 @@
-"""``PixelPrototypeCELoss``: segmentation cross-entropy + weighted PPC + PPD (docs/spec.md §8.7)
-and, for a contrast head, + λ·pixel contrast (docs/spec.md §12)."""
+"""``PixelPrototypeCELoss``: segmentation cross-entropy + weighted PPC + PPD (docs/spec.md §8.7),
+for a contrast head + λ·pixel contrast, for the HSSN head + its hierarchy terms (docs/spec.md §12)."""
 
 from __future__ import annotations
 
@@ -15,13 +15,20 @@ from .head import HeadOutput
 
 class LossTerms(NamedTuple):
     """``loss`` = ``ce`` + ppc_weight·``ppc`` + ppd_weight·``ppd`` + contrast_weight·``contrast``
-    (unweighted terms; a term is zero when the head did not compute it in that step)."""
+    + ``tree_min`` + ``level_ce`` + ``triplet`` (the first four unweighted; the hierarchy terms
+    as the HSSN head weights them; a term is zero when the head did not compute it in that step)."""
 
     loss: Tensor
     ce: Tensor
     ppc: Tensor
     ppd: Tensor
     contrast: Tensor
+    tree_min: Tensor
+    level_ce: Tensor
+    triplet: Tensor
+
+
+HEAD_TERMS = ("ppc", "ppd", "contrast", "tree_min", "level_ce", "triplet")  # loss terms a head computes
 
 
 def upsample_logits(seg: Tensor, size: Sequence[int]) -> Tensor:
@@ -77,25 +84,37 @@ class PixelPrototypeCELoss(nn.Module):
         ce = self.cross_entropy(seg, labels)
         zero = ce.new_zeros(())
         head = None if isinstance(output, Tensor) else output
-        ppc, ppd, contrast = (zero if head is None or getattr(head, name) is None else getattr(head, name)
-                              for name in ("ppc", "ppd", "contrast"))
-        loss = ce + self.ppc_weight * ppc + self.ppd_weight * ppd + self.contrast_weight * contrast
-        return LossTerms(loss, ce, ppc, ppd, contrast)
+        ppc, ppd, contrast, tree_min, level_ce, triplet = (
+            zero if head is None or getattr(head, name) is None else getattr(head, name) for name in HEAD_TERMS
+        )
+        loss = (ce + self.ppc_weight * ppc + self.ppd_weight * ppd + self.contrast_weight * contrast
+                + tree_min + level_ce + triplet)
+        return LossTerms(loss, ce, ppc, ppd, contrast, tree_min, level_ce, triplet)
 
     def cross_entropy(self, seg: Tensor, labels: Tensor) -> Tensor:
         num_classes = seg.shape[1]
         if self.class_weights is not None and self.class_weights.numel() != num_classes:
             raise ValueError(f"class_weights has {self.class_weights.numel()} entries for {num_classes} classes")
-        logits = upsample_logits(seg, labels.shape[-2:])
-        if logits.dtype not in (torch.float32, torch.float64):
-            logits = logits.float()  # the loss in fp32 under mixed precision
-        labels = labels.long()
-        weights = None if self.class_weights is None else self.class_weights.to(logits.dtype)
-        total = F.cross_entropy(logits, labels, weight=weights, ignore_index=self.ignore_index, reduction="sum")
-        labelled = labels != self.ignore_index
-        if weights is None:
-            denominator = labelled.sum().to(total.dtype)
-        else:
-            denominator = weights[labels.clamp(0, num_classes - 1)][labelled].sum()
-        # The sum is exactly 0 when nothing is labelled, so the clamp only avoids 0/0.
-        return total / denominator.clamp_min(torch.finfo(total.dtype).tiny)
+        return masked_cross_entropy(upsample_logits(seg, labels.shape[-2:]), labels, self.ignore_index,
+                                    self.class_weights)
+
+
+def masked_cross_entropy(
+    logits: Tensor, labels: Tensor, ignore_index: int, class_weights: Tensor | None = None
+) -> Tensor:
+    """Mean cross-entropy of logits [b, C, H, W] against labels [b, H, W] over the labelled pixels
+    (weighted by ``class_weights`` [C] as ``F.cross_entropy`` does); computed in fp32 at least;
+    0 with zero gradient when no pixel is labelled (``F.cross_entropy`` gives NaN there)."""
+    num_classes = logits.shape[1]
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()  # the loss in fp32 under mixed precision
+    labels = labels.long()
+    weights = None if class_weights is None else class_weights.to(logits.dtype)
+    total = F.cross_entropy(logits, labels, weight=weights, ignore_index=ignore_index, reduction="sum")
+    labelled = labels != ignore_index
+    if weights is None:
+        denominator = labelled.sum().to(total.dtype)
+    else:
+        denominator = weights[labels.clamp(0, num_classes - 1)][labelled].sum()
+    # The sum is exactly 0 when nothing is labelled, so the clamp only avoids 0/0.
+    return total / denominator.clamp_min(torch.finfo(total.dtype).tiny)

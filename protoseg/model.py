@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from .backbones import SmallCNN, torchvision_resnet
 from .contrast_head import ContrastHead
 from .head import HeadOutput, ProtoSegHead
+from .hssn_head import HSSNHead
 from .linear_head import LinearHead
 
 
@@ -38,7 +39,7 @@ def build_backbone(config) -> nn.Module:
 
 
 def build_head(config, in_channels: int, num_classes: int, ignore_index: int,
-               process_group: Any | None = None) -> nn.Module:
+               process_group: Any | None = None, hierarchy: Any | None = None) -> nn.Module:
     if config.head == "linear":
         return LinearHead(in_channels, num_classes)
     if config.head == "contrast":
@@ -50,6 +51,16 @@ def build_head(config, in_channels: int, num_classes: int, ignore_index: int,
             compat=config.compat, warmup_iters=config.warmup_iters, ignore_index=ignore_index,
             process_group=process_group,
         )
+    if config.head == "hssn":
+        if hierarchy is None or hierarchy.num_leaves != num_classes:
+            raise ValueError(f"model.head='hssn' needs a hierarchy over the {num_classes} classes, got {hierarchy!r}")
+        return HSSNHead(
+            in_channels, hierarchy, config.embed_dim or 256, tree_min_scale=config.tree_min_scale,
+            focal_gamma=config.focal_gamma, triplet_weight=config.triplet_weight,
+            triplet_ramp_iters=config.triplet_ramp_iters, max_triplet=config.max_triplet,
+            triplet_margin=config.triplet_margin, triplet_selection=config.triplet_selection,
+            rule=config.hierarchy_rule, compat=config.compat, ignore_index=ignore_index, process_group=process_group,
+        )
     return ProtoSegHead(
         in_channels, num_classes, config.num_prototypes, config.embed_dim, projection=config.projection,
         momentum=config.momentum, temperature=config.temperature, sinkhorn_epsilon=config.sinkhorn_epsilon,
@@ -58,9 +69,11 @@ def build_head(config, in_channels: int, num_classes: int, ignore_index: int,
     )
 
 
-def build_model(config, num_classes: int, ignore_index: int, process_group: Any | None = None) -> SegmentationModel:
+def build_model(config, num_classes: int, ignore_index: int, process_group: Any | None = None,
+                hierarchy: Any | None = None) -> SegmentationModel:
     """The model of a :class:`~protoseg.config.ModelConfig`. ``process_group``: the
-    data-parallel ranks that share the prototypes."""
+    data-parallel ranks that share the prototypes; ``hierarchy``: the class tree of
+    ``head="hssn"`` (see :func:`~protoseg.hierarchies.build_hierarchy`)."""
     backbone = build_backbone(config)
-    head = build_head(config, backbone.out_channels, num_classes, ignore_index, process_group)
+    head = build_head(config, backbone.out_channels, num_classes, ignore_index, process_group, hierarchy)
     return SegmentationModel(backbone, head)

@@ -20,7 +20,8 @@ from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError
 from .data import IGNORE_INDEX, EpochBatchSampler, build_datasets, pad_collate
 from .distributed import DistributedContext
-from .evaluation import ConfusionMatrix, evaluate, format_iou_table
+from .evaluation import ConfusionMatrix, evaluate, format_iou_table, level_summaries
+from .hierarchies import model_hierarchy
 from .loss import LossTerms, PixelPrototypeCELoss
 from .model import build_model
 
@@ -87,7 +88,9 @@ class Trainer:
         self.data = build_datasets(config.data, seed=config.train.seed)
         self.class_names = self.data.class_names
         self.num_classes = len(self.class_names)
-        self.model = build_model(config.model, self.num_classes, IGNORE_INDEX, self.context.group).to(self.device)
+        self.hierarchy = model_hierarchy(config, self.class_names)
+        self.model = build_model(config.model, self.num_classes, IGNORE_INDEX, self.context.group,
+                                 self.hierarchy).to(self.device)
         if self.context.group is not None and self.device.type == "cuda":
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.loss_fn = PixelPrototypeCELoss(config.loss.ppc_weight, config.loss.ppd_weight, IGNORE_INDEX,
@@ -196,9 +199,13 @@ class Trainer:
         if self.context.group is not None:
             matrix.all_reduce(self.context.group)
         self.last_eval = {"iter": self.iteration, **matrix.summary(self.class_names)}
+        levels = {} if self.hierarchy is None else level_summaries(matrix, self.hierarchy)
+        if levels:
+            self.last_eval["levels"] = levels
         self.log.write({"event": "eval", **self.last_eval})
-        self._print(f"\nevaluation at iteration {self.iteration}:\n"
-                    + format_iou_table(self.class_names, {"IoU %": self.last_eval}))
+        tables = [format_iou_table(self.class_names, {"IoU %": self.last_eval})]
+        tables += [format_iou_table(list(level["iou"]), {f"{name} IoU %": level}) for name, level in levels.items()]
+        self._print(f"\nevaluation at iteration {self.iteration}:\n" + "\n\n".join(tables))
         return self.last_eval
 
     @torch.no_grad()
