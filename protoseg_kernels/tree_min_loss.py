@@ -126,7 +126,8 @@ def check_pixel_labels(op: str, labels: object, logits: Tensor, flat: bool) -> T
         raise ValueError(f"{op}: labels must have shape {layout} = {expected}, got shape {tuple(labels.shape)}")
     if labels.device != logits.device:
         raise ValueError(f"{op}: labels must be on the same device as logits ({logits.device}), got {labels.device}")
-    return labels.long().reshape(1 if flat else labels.shape[0], -1)
+    pixels = labels.shape[0] if flat else math.prod(labels.shape[1:])  # explicit: -1 is ambiguous for B = 0
+    return labels.long().reshape(1 if flat else labels.shape[0], pixels)
 
 
 def check_hierarchy(op: str, hierarchy: object) -> Hierarchy:

@@ -150,6 +150,15 @@ def test_all_ignored_gives_zero_and_nan_propagates(fused_backend):
         assert torch.isfinite(pk.tree_min_loss(nan, labels, h))
 
 
+def test_an_empty_batch_gives_zero_with_an_empty_gradient(fused_backend):
+    for name in ("reference", fused_backend):
+        z = torch.randn(0, 26, 4, 5, requires_grad=True)
+        with pk.use_backend(name):
+            loss = pk.tree_min_loss(z, torch.zeros(0, 4, 5, dtype=torch.long), pk.Hierarchy.cityscapes())
+            loss.backward()
+        assert float(loss.detach()) == 0.0 and z.grad.shape == z.shape, name
+
+
 def test_opcheck(fused_backend):
     h = THREE_LEVELS
     t = h.tables("cpu")
