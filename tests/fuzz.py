@@ -4,14 +4,15 @@ float64 reference (docs/spec.md §5).
 Each case draws an op, a backend, a ragged shape (N or A: 0, or from 16 for the finite
 checks and from 1 for the others; D, C, K from 1), a dtype
 (fp32, fp16, bf16; fp64 where the backend computes in it), options (normalize, reduction,
-temperatures, iterations, denominator, in-batch or bank) and a layout (contiguous, a
+temperatures, iterations, denominator, in-batch or bank, focal γ, [N, V] or image logits
+on a hierarchy of up to three levels) and a layout (contiguous, a
 transposed view, a strided slice), then one of three checks:
 
 * ``finite``: the conformance rules of tests/conformance.py (values, gradients, indices);
 * ``hostile``: labels, targets and indices far out of range or negative, with
   ``validate=False``: the result must be exactly that of the same backend on the inputs with
   those entries set to ignored (nothing read out of bounds, nothing counted);
-* ``nan``: a few NaN entries in the features: the outputs must be NaN exactly where the
+* ``nan``: a few NaN entries in the features (the logits of tree_min_loss): the outputs must be NaN exactly where the
   reference's are (NaN is never hidden, never spread), and equal elsewhere.
 
 Inf inputs are not drawn (their semantics across backends is not settled yet).
@@ -47,7 +48,7 @@ from protoseg_kernels._backend import op_dtype_reason, unavailable_reason  # noq
 
 FUSED = ("cpu", "triton", "cuda_emulated")
 OPS = ("prototype_similarity", "class_scores", "ppc_ppd_loss", "sinkhorn_assign", "update_prototypes",
-       "pixel_contrast_loss")
+       "pixel_contrast_loss", "tree_min_loss")
 CHECKS = ("finite", "finite", "hostile", "nan")  # finite twice as often
 NAN = float("nan")
 
@@ -112,6 +113,8 @@ def draw_case(rng: random.Random, backends: list[str], seed: int) -> FuzzCase | 
         shape = (n, shape[1], classes, 0 if mode == "in_batch" else rng.randint(0, 60 if small else 150))
         options.update(mode=mode, denominator=rng.choice(["contrastiveseg", "supcon"]),
                        temperature=rng.choice([0.07, 0.1, 0.5]))
+    elif op == "tree_min_loss":  # C leaves of conformance.hierarchy_for(C): up to three levels
+        options.update(focal_gamma=rng.choice([None, 0.5, 2.0]), image=rng.random() < 0.5)
     layout = rng.choice(["contiguous", "transposed", "strided"])
     return FuzzCase(op, backend, dtype, check, shape, layout, options, seed)
 
@@ -150,6 +153,11 @@ def _run_finite(c: FuzzCase) -> None:
         kw = {k: v for k, v in c.options.items() if k not in ("mode",)}
         conformance.check_pixel_contrast_loss(c.backend, case, c.dtype, **kw)
         return
+    if c.op == "tree_min_loss":
+        case = make_case(*c.shape, seed=c.seed)
+        conformance.check_tree_min_loss(c.backend, case, c.dtype, focal_gamma=c.options["focal_gamma"],
+                                        image=c.options["image"])
+        return
     case = make_case(*c.shape, seed=c.seed)
     if not c.options["normalize"]:  # unit rows, as users pass them (see above)
         case.x = torch.nn.functional.normalize(case.x, dim=-1)
@@ -167,6 +175,19 @@ def _hostile(index: torch.Tensor, upper: int, rng: torch.Generator) -> torch.Ten
     wild = torch.tensor([upper, upper + 1, 2**31 - 1, 2**40, -2, -(2**40)])
     out[pick] = wild[torch.randint(0, len(wild), (int(pick.sum()),), generator=rng)]
     return out
+
+
+def _tree_logits(c: FuzzCase) -> torch.Tensor:
+    """Node logits [N, V] (laid out as the case's layout) for the C leaves of the case."""
+    hierarchy = conformance.hierarchy_for(c.shape[2])
+    g = torch.Generator().manual_seed(c.seed)
+    return _with_layout(2 * torch.randn(c.shape[0], hierarchy.num_nodes, generator=g, dtype=torch.float64), c.layout)
+
+
+def _tree_min(c: FuzzCase, logits: torch.Tensor, labels: torch.Tensor, validate: bool) -> tuple:
+    hierarchy = conformance.hierarchy_for(c.shape[2])
+    return (pk.tree_min_loss(logits, labels, hierarchy, focal_gamma=c.options["focal_gamma"], reduction="none",
+                             validate=validate),)
 
 
 def _call(op: str, c: FuzzCase, case, labels, target, index, validate: bool):
@@ -197,6 +218,14 @@ def _run_hostile(c: FuzzCase) -> None:
             clean = torch.where(pick, -1, case.anchor_labels)
             expected = pk.pixel_contrast_loss(anchors, clean, contrast, case.contrast_labels, **kw)
         _assert_same((out,), (expected,), c)
+        return
+    if c.op == "tree_min_loss":
+        labels = make_case(*c.shape, seed=c.seed).labels
+        hostile = _hostile(labels, c.shape[2], g)
+        clean = torch.where((hostile >= 0) & (hostile < c.shape[2]), hostile, -1)
+        logits = _tree_logits(c).to(c.dtype)
+        with pk.use_backend(c.backend):
+            _assert_same(_tree_min(c, logits, hostile, False), _tree_min(c, logits, clean, True), c)
         return
     case = make_case(*c.shape, seed=c.seed)
     n, _, classes, k = c.shape
@@ -233,6 +262,15 @@ def _run_nan(c: FuzzCase) -> None:
             with pk.use_backend(name):
                 return (pk.pixel_contrast_loss(anchors.to(dtype), case.anchor_labels, contrast,
                                                case.contrast_labels, **kw),)
+    elif c.op == "tree_min_loss":
+        logits, labels = _tree_logits(c).clone(), make_case(*c.shape, seed=c.seed).labels
+        if logits.shape[0]:
+            rows = torch.randint(0, logits.shape[0], (2,), generator=g)
+            logits[rows, torch.randint(0, logits.shape[1], (2,), generator=g)] = NAN
+
+        def run(name, dtype):
+            with pk.use_backend(name):
+                return _tree_min(c, logits.to(dtype), labels, True)
     else:
         case = make_case(*c.shape, seed=c.seed)
         n, d = c.shape[:2]
