@@ -27,6 +27,7 @@ import protoseg_kernels as pk
 from .contrast_head import ContrastHead
 from .data.transforms import denormalize_image
 from .head import ProtoSegHead
+from .hssn_head import HSSNHead
 from .labels import downsample_labels
 from .model import SegmentationModel
 
@@ -42,7 +43,7 @@ def _head(model: SegmentationModel, kinds: tuple[type, ...] = (ProtoSegHead,)) -
     return model.head
 
 
-EMBEDDING_HEADS = (ProtoSegHead, ContrastHead)  # heads with an ``embed`` of unit-norm pixels
+EMBEDDING_HEADS = (ProtoSegHead, ContrastHead, HSSNHead)  # heads with an ``embed`` of unit-norm pixels
 
 
 @torch.no_grad()
@@ -151,7 +152,7 @@ def plot_embedding_projection(
     axis.set_xlabel("principal component 1")
     axis.set_ylabel("principal component 2")
     axis.set_title("Pixel embeddings (dots) and prototypes (stars), PCA" if has_prototypes
-                   else "Pixel embeddings of the contrast head, PCA")
+                   else f"Pixel embeddings of the {'HSSN' if isinstance(head, HSSNHead) else 'contrast'} head, PCA")
     axis.legend(markerscale=3, fontsize=8, loc="best")
     return _save(figure, path)
 

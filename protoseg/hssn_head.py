@@ -133,6 +133,10 @@ class HSSNHead(nn.Module):
         """Unit-norm embeddings [b, D, h, w] of features [b, C_in, h, w]."""
         return F.normalize(self.projection(_check_features(features)), dim=1)
 
+    def embed(self, features: Tensor) -> Tensor:
+        """Unit-norm pixel embeddings [b·h·w, D] in (b, y, x) order (as ProtoSegHead.embed)."""
+        return self.embedding_map(features).permute(0, 2, 3, 1).reshape(-1, self.embed_dim)
+
     def forward(
         self, features: Tensor, labels: Tensor | None = None, *, generator: torch.Generator | None = None
     ) -> HeadOutput:

@@ -8,7 +8,8 @@ Writes, next to the checkpoint (or under ``--out``):
 * ``curves.png``: losses and validation mIoU from the run's ``log.jsonl``
   (``--compare NAME=LOG`` adds other runs).
 
-A contrast-head checkpoint gets the projection and the curves; a linear-head one the curves only.
+A contrast-head or HSSN-head checkpoint gets the projection and the curves; a linear-head one
+the curves only.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from pathlib import Path
 import torch
 
 from .checkpoint import model_from_checkpoint
-from .contrast_head import ContrastHead
 from .data import build_datasets
 from .head import ProtoSegHead
 
@@ -79,7 +79,7 @@ def run(argv: Sequence[str] | None = None) -> list[Path]:
     label = args.label or config.model.head
     logs = {label: checkpoint.parent / "log.jsonl", **_compare_logs(args.compare)}
     written = [figures.plot_training_curves(logs, out / "curves.png")]
-    if not isinstance(model.head, (ProtoSegHead, ContrastHead)):
+    if not isinstance(model.head, figures.EMBEDDING_HEADS):
         return written
     dataset = build_datasets(config.data, seed=config.train.seed).val
     frequency = class_frequencies(dataset, len(class_names))

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from protoseg_fixtures import assert_same_state, single_thread, train_until_first_checkpoint  # noqa: F401
 
 import protoseg_kernels as pk
-from protoseg import HSSNHead, PixelPrototypeCELoss, train
+from protoseg import HSSNHead, PixelPrototypeCELoss, train, visualize
 from protoseg.checkpoint import model_from_checkpoint
 from protoseg.config import ConfigError, load_config
 from protoseg.evaluation import ConfusionMatrix, level_summaries
@@ -240,6 +240,8 @@ def test_cli_trains_the_hssn_head_and_its_checkpoint_predicts(tmp_path, capsys):
     with torch.no_grad():
         prediction = model.head.predict(model(images), (32, 32))
     assert prediction.shape == (2, 32, 32) and int(prediction.max()) < len(class_names)
+    written = visualize.run([str(run_dir / "last.pt"), "--out", str(tmp_path / "figures")])
+    assert sorted(p.name for p in written) == ["curves.png", "embedding_pca.png"]
 
 
 def test_resume_continues_identically(tmp_path, monkeypatch):
