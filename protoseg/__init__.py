@@ -1,17 +1,32 @@
 """ProtoSeg, ContrastiveSeg and HSSN training on top of :mod:`protoseg_kernels`: the prototype
 head, the pixel-contrast head, the hierarchical head, their loss, backbones, datasets, a
-training/evaluation CLI with DDP, and figures."""
+training/evaluation CLI with DDP, and figures.
 
-from .backbones import FeatureMapBackbone, SmallCNN, torchvision_resnet
-from .contrast_head import ContrastHead
-from .head import HeadOutput, ProtoSegHead
-from .hssn_head import HSSNHead
-from .labels import downsample_labels
-from .linear_head import LinearHead
-from .loss import LossTerms, PixelPrototypeCELoss
-from .model import SegmentationModel, build_model
+The names below load their module (and torch) on first use, so that the command-line entry
+points answer ``--help`` and configuration errors without importing torch.
+"""
 
-__all__ = [
-    "ContrastHead", "FeatureMapBackbone", "HeadOutput", "HSSNHead", "LinearHead", "LossTerms", "PixelPrototypeCELoss",
-    "ProtoSegHead", "SegmentationModel", "SmallCNN", "build_model", "downsample_labels", "torchvision_resnet",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {  # public name -> the module defining it
+    "ContrastHead": "contrast_head", "FeatureMapBackbone": "backbones", "HeadOutput": "head",
+    "HSSNHead": "hssn_head", "LinearHead": "linear_head", "LossTerms": "loss", "PixelPrototypeCELoss": "loss",
+    "ProtoSegHead": "head", "SegmentationModel": "model", "SmallCNN": "backbones", "build_model": "model",
+    "downsample_labels": "labels", "torchvision_resnet": "backbones",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

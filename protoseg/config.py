@@ -14,8 +14,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin
 
-import yaml
-
 from .hierarchies import HIERARCHY_NAMES
 
 
@@ -201,6 +199,9 @@ def _check_consistency(config: Config) -> None:
         name = config.data.dataset
         raise ConfigError(f"data.root must name the {name} folder (data.dataset={name!r})")
     model = config.model
+    if model.backbone in ("resnet18", "resnet34") and model.output_stride != 32:
+        raise ConfigError(f"model.backbone={model.backbone} supports only model.output_stride=32 (its basic "
+                          f"blocks cannot be dilated), got {model.output_stride}")
     if model.compat == "protoseg" and model.assignment == "argmax":
         raise ConfigError("model.compat='protoseg' uses the Gumbel assignment; remove model.assignment=argmax")
     compat_heads = {"protoseg": "protoseg", "contrastiveseg": "contrast", "hssn": "hssn"}
@@ -249,11 +250,21 @@ def resolve_config_path(name_or_path: str) -> Path:
     )
 
 
+def _yaml():
+    """PyYAML, imported when a config is read (``--help`` works without it)."""
+    try:
+        import yaml
+    except ImportError as exc:
+        raise ConfigError("reading configs needs PyYAML: pip install 'protoseg-kernels[train]'") from exc
+    return yaml
+
+
 def parse_override(text: str) -> tuple:
     """``section.key=value`` with the value parsed as YAML (``lr=1e-3``, ``crop_size=[32,32]``)."""
     key, sep, raw = text.partition("=")
     if not sep or "." not in key:
         raise ConfigError(f"override {text!r} must look like section.key=value (e.g. optim.lr=0.01)")
+    yaml = _yaml()
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
@@ -277,6 +288,7 @@ def load_config(name_or_path: Optional[str] = None, overrides: tuple = ()) -> Co
     if name_or_path is None:
         return build_config(None, overrides)
     path = resolve_config_path(name_or_path)
+    yaml = _yaml()
     try:
         mapping = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

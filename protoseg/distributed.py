@@ -14,7 +14,11 @@ def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
     """``"auto"``: the local GPU when there is one, else the CPU."""
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is available; use train.device=cpu")
+            from .config import ConfigError
+
+            build = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise ConfigError(f"train.device=cuda but no CUDA device is available (torch {torch.__version__}, "
+                              f"{build}); use train.device=cpu or auto")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .backbones import SmallCNN, torchvision_resnet
+from .config import ConfigError
 from .contrast_head import ContrastHead
 from .head import HeadOutput, ProtoSegHead
 from .hssn_head import HSSNHead
@@ -53,7 +54,7 @@ def build_head(config, in_channels: int, num_classes: int, ignore_index: int,
         )
     if config.head == "hssn":
         if hierarchy is None or hierarchy.num_leaves != num_classes:
-            raise ValueError(f"model.head='hssn' needs a hierarchy over the {num_classes} classes, got {hierarchy!r}")
+            raise ConfigError(f"model.head='hssn' needs a hierarchy over the {num_classes} classes, got {hierarchy!r}")
         return HSSNHead(
             in_channels, hierarchy, config.embed_dim or 256, tree_min_scale=config.tree_min_scale,
             focal_gamma=config.focal_gamma, triplet_weight=config.triplet_weight,
@@ -61,6 +62,9 @@ def build_head(config, in_channels: int, num_classes: int, ignore_index: int,
             triplet_margin=config.triplet_margin, triplet_selection=config.triplet_selection,
             rule=config.hierarchy_rule, compat=config.compat, ignore_index=ignore_index, process_group=process_group,
         )
+    if config.projection == "none" and config.embed_dim not in (None, in_channels):
+        raise ConfigError(f"model.projection=none keeps the backbone's {in_channels} channels: leave "
+                          f"model.embed_dim unset or set it to {in_channels}, got {config.embed_dim}")
     return ProtoSegHead(
         in_channels, num_classes, config.num_prototypes, config.embed_dim, projection=config.projection,
         momentum=config.momentum, temperature=config.temperature, sinkhorn_epsilon=config.sinkhorn_epsilon,

@@ -1,6 +1,6 @@
 """``python -m protoseg.train [CONFIG] [section.key=value ...]`` (``protoseg-train``).
 
-Trains a segmentation model (ProtoSeg head, ContrastiveSeg head or the linear baseline), evaluating
+Trains a segmentation model (ProtoSeg, ContrastiveSeg or HSSN head, or the linear baseline), evaluating
 per-class IoU and mIoU, writing ``log.jsonl``, ``metrics.json`` and ``last.pt``
 under ``train.output_dir``. CONFIG is a YAML file or the name of a packaged
 config (``demo``, ``cityscapes``, ``ade20k``, ``cityscapes_contrast``, ...). Data-parallel on several processes
@@ -22,9 +22,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .checkpoint import CheckpointError
 from .config import ConfigError, load_config, packaged_config_names
-from .data import DatasetError
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -63,10 +61,20 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         trainer.context.close()
 
 
+def _input_errors() -> tuple[type[Exception], ...]:
+    """What bad input raises: reported as one line. Imported on demand (torch)."""
+    from .checkpoint import CheckpointError
+    from .data import DatasetError
+
+    return ConfigError, DatasetError, CheckpointError, FileNotFoundError
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         run(argv)
-    except (ConfigError, DatasetError, CheckpointError, FileNotFoundError) as exc:
+    except SystemExit:  # --help, argparse errors: no need to import torch to test them
+        raise
+    except _input_errors() as exc:
         print(f"protoseg-train: error: {exc}", file=sys.stderr)
         return 2
     return 0
