@@ -112,6 +112,7 @@ class TrainConfig:
     eval_every: int = _positive(0, strict=False)  # 0: evaluate at the end only
     checkpoint_every: int = _positive(0, strict=False)  # 0: at the end only
     resume: Optional[str] = None  # a checkpoint path, or "auto": output_dir/last.pt if it exists
+    overwrite: bool = False  # replace a run already in output_dir (else refused, unless resuming)
     progress: bool = True  # tqdm progress bars
 
 

@@ -25,7 +25,9 @@ RUNS = {"ProtoSeg": "protoseg", "linear": "linear", "ContrastiveSeg": "contrast"
 def train_run(head: str, out: Path, extra: Sequence[str]) -> dict:
     from .trainer import Trainer
 
-    config = load_config("demo", (f"model.head={head}", f"train.output_dir={out / head}", *extra))
+    # The demo replaces its own earlier runs (a fresh run each time).
+    config = load_config("demo", (f"model.head={head}", f"train.output_dir={out / head}", "train.overwrite=true",
+                                  *extra))
     trainer = Trainer(config)
     try:
         return trainer.train()

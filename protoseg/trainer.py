@@ -26,6 +26,7 @@ from .loss import LossTerms, PixelPrototypeCELoss
 from .model import build_model
 
 LOSS_TERMS = LossTerms._fields
+RUN_FILES = ("last.pt", "log.jsonl", "metrics.json")  # what a run writes under train.output_dir
 
 
 class JsonLog:
@@ -82,6 +83,7 @@ class Trainer:
         self.context = context or DistributedContext.from_environment(config.train.device)
         self.device = self.context.device
         self.output_dir = Path(config.train.output_dir)
+        self._refuse_to_overwrite()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.train.seed * 1_000 + self.context.rank)
 
@@ -116,6 +118,18 @@ class Trainer:
 
     def _autocast(self) -> AbstractContextManager:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def _refuse_to_overwrite(self) -> None:
+        """A fresh run (no ``train.resume``) into a folder that holds one would truncate its log
+        and replace its checkpoint: refused unless ``train.overwrite=true``."""
+        train = self.config.train
+        if train.resume is not None or train.overwrite:
+            return
+        found = [name for name in RUN_FILES if (self.output_dir / name).exists()]
+        if found:
+            raise ConfigError(f"train.output_dir={self.output_dir} already holds a run ({', '.join(found)}); "
+                              "continue it with train.resume=auto, replace it with train.overwrite=true, "
+                              "or choose another folder")
 
     def _resume_path(self) -> Path | None:
         resume = self.config.train.resume

@@ -38,3 +38,17 @@ def test_a_choice_that_cannot_work_is_one_line(overrides, message, tmp_path, cap
                        "train.progress=false"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("protoseg-train: error: ") and message in err and "\n" not in err
+
+
+def test_an_existing_run_is_refused_unless_resumed_or_overwritten(tmp_path, capsys):
+    common = ["demo", "model.head=linear", "model.width=8", "data.synthetic_train_images=8",
+              "data.synthetic_val_images=2", "data.synthetic_image_size=32", "data.crop_size=[32,32]",
+              "data.batch_size=4", "optim.iters=2", "train.progress=false", f"train.output_dir={tmp_path}"]
+    assert train.main(common) == 0
+    log = (tmp_path / "log.jsonl").read_text()
+    assert train.main(common) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run (last.pt, log.jsonl, metrics.json)" in err and "train.overwrite=true" in err
+    assert (tmp_path / "log.jsonl").read_text() == log  # untouched
+    assert train.main([*common, "train.resume=auto"]) == 0  # nothing left to train: resumes and finishes
+    assert train.main([*common, "train.overwrite=true"]) == 0
