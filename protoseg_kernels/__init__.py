@@ -20,10 +20,10 @@ with fake implementations and autograd:
   :func:`tree_triplet_loss`, :func:`hierarchy_predict` and :func:`hierarchy_scores`
 
 Backends: ``reference``, ``cpu``, ``triton``, ``cuda`` (see
-:func:`available_backends`, :func:`use_backend` and ``$PROTOSEG_BACKEND``).
+:func:`available_backends`, :func:`backend_for`, :func:`use_backend` and ``$PROTOSEG_BACKEND``).
 """
 
-from ._backend import available_backends, use_backend
+from ._backend import BackendFallbackWarning, available_backends, backend_for, use_backend
 from .class_memory_bank import ClassMemoryBank
 from .class_scores import (
     ScoresWithIndex,
@@ -48,6 +48,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AnchorSample",
+    "BackendFallbackWarning",
     "ClassMemoryBank",
     "Hierarchy",
     "PpcPpdLoss",
@@ -57,6 +58,7 @@ __all__ = [
     "ScoresWithLse",
     "SinkhornResult",
     "available_backends",
+    "backend_for",
     "class_scores",
     "gumbel_index",
     "hierarchy_predict",

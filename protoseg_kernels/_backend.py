@@ -20,6 +20,12 @@ reference; always among the backends that implement the op in the inputs' dtype
 (float64 CUDA tensors go to cuda: triton does not compute in float64). A backend
 named explicitly that cannot serve the device or lacks the op raises
 ``RuntimeError``; one that implements the op but not in the dtype, ``TypeError``.
+
+``auto`` never degrades silently: when it serves a device from ``reference`` because a
+compiled backend for that device failed to load (a missing extension, or one built against
+another torch), it warns once per backend with the reason and the rebuild command, or raises
+with ``PROTOSEG_FALLBACK=error`` (``PROTOSEG_FALLBACK=silent``: neither). An op or dtype a
+backend does not implement is served by another without a warning: that is by design.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import contextvars
 import functools
 import importlib
 import os
+import warnings
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -37,6 +44,8 @@ import torch
 from ._op_table import DTYPE_NAMES, Implemented, get_op
 
 ENV_VAR = "PROTOSEG_BACKEND"
+FALLBACK_VAR = "PROTOSEG_FALLBACK"
+FALLBACK_POLICIES = ("warn", "error", "silent")
 AUTO = "auto"
 
 # name -> module implementing it. cuda_emulated runs the CUDA kernel sources on CPU
@@ -54,6 +63,12 @@ _AUTO_ORDER = {
     "cuda": ("triton", "cuda", "reference"),
     "cpu": ("cpu", "reference"),
 }
+
+class BackendFallbackWarning(UserWarning):
+    """``auto`` serves tensors from the reference because a compiled backend failed to load."""
+
+
+_warned_fallbacks: set[str] = set()  # backends whose fallback was reported (once each)
 
 # The use_backend choices in force, innermost last: per thread and per asyncio task.
 _overrides: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("protoseg_backend", default=())
@@ -163,8 +178,13 @@ def _resolve(
     device = torch.device(device_type, device_index) if device_index >= 0 else torch.device(device_type)
     dtype = getattr(torch, dtype_name)
     if requested == AUTO:
+        failed = []  # compiled backends for this device that did not load
         for name in _AUTO_ORDER.get(device_type, ("reference",)):
-            if _serving_reason(name, device) is None and op_dtype_reason(name, op, dtype) is None:
+            if _load(name)[0] is None:
+                failed.append(name)
+            elif _serving_reason(name, device) is None and op_dtype_reason(name, op, dtype) is None:
+                if name == "reference" and failed:
+                    _report_fallback(failed, device_type)
                 return name
         return "reference"
     reason = _serving_reason(requested, device)
@@ -182,6 +202,38 @@ def _resolve(
             "to pick one that does"
         )
     return requested
+
+
+def _fallback_policy() -> str:
+    policy = os.environ.get(FALLBACK_VAR, "warn").strip() or "warn"
+    if policy not in FALLBACK_POLICIES:
+        raise RuntimeError(f"{FALLBACK_VAR}={policy!r} is not a policy; use one of {', '.join(FALLBACK_POLICIES)}")
+    return policy
+
+
+def _report_fallback(failed: list[str], device_type: str) -> None:
+    """Warn once per backend (or raise) that ``auto`` serves ``device_type`` tensors from the
+    reference because ``failed`` did not load."""
+    policy = _fallback_policy()
+    if policy == "silent" or (policy == "warn" and all(name in _warned_fallbacks for name in failed)):
+        return
+    reasons = "; ".join(f"{name}: {_load(name)[1]}" for name in failed)
+    message = (f"protoseg: backend 'auto' runs {device_type} tensors on the slow 'reference' backend because "
+               f"{' and '.join(map(repr, failed))} did not load ({reasons}). Set {FALLBACK_VAR}=error to make "
+               f"this an error, or {FALLBACK_VAR}=silent to accept it.")
+    if policy == "error":
+        raise RuntimeError(message)
+    _warned_fallbacks.update(failed)
+    warnings.warn(message, BackendFallbackWarning, stacklevel=4)
+
+
+def backend_for(tensor: torch.Tensor, op: str = "class_scores") -> str:
+    """The backend that public op ``op`` would run on for inputs like ``tensor`` (its device
+    and dtype) under the current selection (``use_backend``, ``$PROTOSEG_BACKEND``, ``auto``).
+    Raises as the op would when the requested backend cannot serve them."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"backend_for: tensor must be a torch.Tensor, got {type(tensor).__name__}")
+    return resolve_backend(op, tensor.device, tensor.dtype, argument="tensor")
 
 
 def auto_backend(op: str, device_type: str, dtype: torch.dtype) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 
 import partial_backend
 import pytest
@@ -114,13 +115,55 @@ def test_explicit_unavailable_backend_says_how_to_fix(monkeypatch):
         _backend._load.cache_clear()
 
 
-def test_auto_falls_back_to_reference_when_nothing_else(monkeypatch):
+@pytest.fixture
+def broken_cpu(monkeypatch):
+    """The cpu backend's extension fails to load, as one built against another torch would."""
     monkeypatch.setitem(_backend._MODULES, "cpu", "protoseg_kernels.no_such_module")
+    monkeypatch.setattr(_backend, "_warned_fallbacks", set())
+    monkeypatch.delenv("PROTOSEG_FALLBACK", raising=False)
     _backend._load.cache_clear()
-    try:
-        assert _backend.resolve_backend("class_scores", torch.device("cpu")) == "reference"
-    finally:
-        _backend._load.cache_clear()
+    yield
+    _backend._load.cache_clear()
+
+
+def test_auto_falls_back_to_reference_with_one_warning_naming_the_reason(broken_cpu):
+    x, p = torch.randn(4, 3), torch.randn(2, 2, 3)
+    with pytest.warns(pk.BackendFallbackWarning, match=r"slow 'reference' backend because 'cpu' did not load "
+                                                        r"\(cpu: importing protoseg_kernels.no_such_module failed"):
+        assert pk.backend_for(x) == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: the second call is quiet
+        pk.class_scores(x, p)
+
+
+@pytest.mark.parametrize("policy", ["error", "silent", "bogus"])
+def test_the_fallback_policy_raises_or_stays_silent(broken_cpu, monkeypatch, policy):
+    monkeypatch.setenv("PROTOSEG_FALLBACK", policy)
+    x, p = torch.randn(4, 3), torch.randn(2, 2, 3)
+    if policy == "error":
+        with pytest.raises(RuntimeError, match="'cpu' did not load.*PROTOSEG_FALLBACK=silent"):
+            pk.class_scores(x, p)
+    elif policy == "silent":
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert pk.class_scores(x, p).shape == (4, 2)
+    else:
+        with pytest.raises(RuntimeError, match="PROTOSEG_FALLBACK='bogus' is not a policy"):
+            pk.class_scores(x, p)
+
+
+def test_no_warning_when_an_op_or_dtype_is_served_elsewhere_by_design(monkeypatch):
+    monkeypatch.setattr(_backend, "_warned_fallbacks", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert pk.backend_for(torch.randn(3, 2)) == "cpu"
+        assert pk.backend_for(torch.randn(3, 2), "tree_min_loss") == "cpu"
+        with pk.use_backend("reference"):
+            assert pk.backend_for(torch.randn(3, 2)) == "reference"
+    with pytest.raises(ValueError, match="'tree_triplet' is not an op of the table"):
+        pk.backend_for(torch.randn(3, 2), "tree_triplet")
+    with pk.use_backend("cuda"), pytest.raises(RuntimeError, match="backend 'cuda' cannot run on cpu"):
+        pk.backend_for(torch.randn(3, 2))
 
 
 def test_auto_skips_a_backend_that_cannot_take_the_dtype(monkeypatch):

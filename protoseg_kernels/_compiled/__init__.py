@@ -24,7 +24,18 @@ import torch
 
 from .._op_table import FLOAT_DTYPES, KERNELS, Implemented, Kernel, implemented_from
 
-REBUILD_HINT = "rebuild it with `pip install --no-build-isolation -e .` (see README, 'Install')"
+
+def rebuild_hint() -> str:
+    """How to rebuild the extension, for the way this package was installed."""
+    root = Path(__file__).resolve().parents[2]
+    if (root / "setup.py").is_file() and (root / "csrc").is_dir():  # a source checkout (editable)
+        return (f"rebuild it in the source checkout: `pip install --no-build-isolation -e {root}` "
+                "(or `make install` there; see README, 'Install')")
+    return ("reinstall the package so that it compiles against this torch: "
+            "`pip install --no-build-isolation --force-reinstall --no-deps protoseg-kernels` "
+            "(from the same source; see README, 'Install')")
+
+
 BUILD_INFO = Path(__file__).resolve().parent.parent / "_build_info.json"
 
 NAMESPACE = "protoseg_kernels"  # the real extension's kernel schemas (the emulation's: cuda_emulated.py)
@@ -38,7 +49,7 @@ def load_extension(module_name: str) -> tuple[ModuleType | None, str | None]:
     except ImportError as exc:
         return None, (
             f"the compiled extension protoseg_kernels.{module_name} is missing or failed to import "
-            f"({exc}); {REBUILD_HINT}"
+            f"({exc}); {rebuild_hint()}"
         )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from . import NAMESPACE, REBUILD_HINT, bind_kernels
+from . import NAMESPACE, bind_kernels, rebuild_hint
 
 _EXTENSION_PROBLEM, IMPLEMENTED = bind_kernels("_C", NAMESPACE, "CUDA", globals())
 
@@ -15,7 +15,7 @@ def unavailable_reason() -> str | None:
     if not IMPLEMENTED.dtypes and not IMPLEMENTED.missing:
         return (
             "protoseg_kernels._C was built without CUDA kernels (no CUDA toolkit found at build "
-            f"time, or PROTOSEG_SKIP_CUDA=1); set CUDA_HOME and {REBUILD_HINT}"
+            f"time, or PROTOSEG_SKIP_CUDA=1); set CUDA_HOME and {rebuild_hint()}"
         )
     return None
 
