@@ -20,6 +20,7 @@ from ._backend import (
     BACKEND_NAMES,
     ENV_VAR,
     auto_backend,
+    get_backend,
     implemented,
     op_reason,
     requested_backend,
@@ -50,11 +51,32 @@ def collect() -> dict[str, Any]:
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "triton": _triton_version(),
         "threads": torch.get_num_threads(),
-        "requested_backend": f"{requested_backend()} (set by use_backend or ${ENV_VAR})",
-        "backends": {name: unavailable_reason(name) or "available" for name in BACKEND_NAMES},
+        "requested_backend": _requested(),
+        "backends": {name: backend_status(name) for name in BACKEND_NAMES},
         "ops": op_table(),
         "extension_build": build_info() or "not built",
     }
+
+
+def _requested() -> str:
+    try:
+        return f"{requested_backend()} (set by use_backend or ${ENV_VAR})"
+    except RuntimeError as exc:  # a bad $PROTOSEG_BACKEND: report it, the ops will raise it
+        return f"invalid: {exc}"
+
+
+def backend_status(name: str) -> str:
+    """"available for <devices> tensors" (among this machine's devices), "loaded" and why it
+    serves none of them, or why the backend cannot run here at all."""
+    reason = unavailable_reason(name)
+    if reason is not None:
+        return reason
+    module = get_backend(name)
+    present = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    served = [device for device in present if module.device_reason(torch.device(device)) is None]
+    if served:
+        return f"available for {' and '.join(served)} tensors"
+    return f"loaded, but no device here it serves ({module.device_reason(torch.device('cuda'))})"
 
 
 def _served(name: str, op: str) -> str:
@@ -89,7 +111,7 @@ def op_table() -> dict[str, dict[str, str]]:
 
 def _print_op_table(table: dict[str, dict[str, str]]) -> None:
     """One line per op and backend (an unavailable backend's reason is printed once, above)."""
-    print("op × backend (input dtypes served, or why not):")
+    print("op × backend (input dtypes computed, or why not):")
     width = max(len(column) for row in table.values() for column in row) + 2
     for op, row in table.items():
         print(f"  {op} ({row['spec']})")

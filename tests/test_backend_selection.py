@@ -258,3 +258,34 @@ def test_env_report_runs():
         assert key in out
     for op in OPS_BY_NAME:
         assert f"  {op} (docs/spec.md §" in out
+
+
+def test_env_report_survives_a_bad_backend_variable_and_says_what_serves_what():
+    env_vars = {**os.environ, "PROTOSEG_BACKEND": "bogus"}
+    result = subprocess.run([sys.executable, "-m", "protoseg_kernels.env"], capture_output=True, text=True,
+                            env=env_vars)
+    assert result.returncode == 0, result.stderr
+    assert "requested_backend invalid: PROTOSEG_BACKEND='bogus' is not a backend" in result.stdout
+    assert "reference         available for cpu" in result.stdout
+
+
+def test_backend_status_names_the_devices_served_here(monkeypatch):
+    assert env.backend_status("reference").startswith("available for cpu")
+    if not torch.cuda.is_available() and _backend.unavailable_reason("cuda") is None:
+        assert env.backend_status("cuda") == "loaded, but no device here it serves (no CUDA device is available)"
+    monkeypatch.setitem(_backend._MODULES, "cuda_emulated", "protoseg_kernels.no_such_module")
+    _backend._load.cache_clear()
+    try:
+        assert "importing protoseg_kernels.no_such_module failed" in env.backend_status("cuda_emulated")
+    finally:
+        _backend._load.cache_clear()
+
+
+def test_the_cuda_backend_on_a_cpu_only_torch_does_not_advise_a_toolkit(monkeypatch):
+    from protoseg_kernels._compiled import cuda, cuda_emulated
+
+    monkeypatch.setattr(torch.version, "cuda", None)
+    reason = cuda.unavailable_reason()
+    assert "is a CPU-only build" in reason and "CUDA_HOME" not in reason
+    monkeypatch.setattr(cuda_emulated, "_EXTENSION_PROBLEM", "missing")
+    assert cuda_emulated.unavailable_reason().startswith("not built: a test-only backend")

@@ -10,6 +10,9 @@ _EXTENSION_PROBLEM, IMPLEMENTED = bind_kernels("_C", NAMESPACE, "CUDA", globals(
 
 
 def unavailable_reason() -> str | None:
+    if torch.version.cuda is None:  # no toolkit advice helps here
+        return (f"this torch ({torch.__version__}) is a CPU-only build; the cuda backend needs a CUDA build "
+                "of torch (and the package rebuilt against it)")
     if _EXTENSION_PROBLEM:
         return _EXTENSION_PROBLEM
     if not IMPLEMENTED.dtypes and not IMPLEMENTED.missing:

@@ -14,9 +14,8 @@ _EXTENSION_PROBLEM, IMPLEMENTED = bind_kernels("_C_emulated", NAMESPACE, "CPU", 
 
 def unavailable_reason() -> str | None:
     if _EXTENSION_PROBLEM:
-        return _EXTENSION_PROBLEM.replace(
-            "rebuild it with", "build it with `PROTOSEG_BUILD_EMULATION=1` and"
-        )
+        return ("not built: a test-only backend, built for the test suite by `make install` "
+                "(PROTOSEG_BUILD_EMULATION=1 when building)")
     return None
 
 

@@ -55,6 +55,8 @@ def device_reason(device: torch.device) -> str | None:
         return f"the triton backend runs on CUDA tensors, not {device.type}"
     if INTERPRETING:
         return None
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
     capability = torch.cuda.get_device_capability(device)
     if capability < MIN_CAPABILITY:
         return (f"the triton backend needs a GPU of compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} "
