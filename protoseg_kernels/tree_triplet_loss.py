@@ -46,7 +46,7 @@ from .tree_min_loss import check_hierarchy, check_pixel_labels
 
 OP = "tree_triplet_loss"
 SELECTIONS = ("first", "random")
-_CHUNK_ROWS = 4096  # rows gathered at a time: bounds the transient memory of the distances
+_CHUNK_ROWS = 1024  # rows gathered at a time: bounds the transient memory (about 10·1024·D values)
 
 
 class Triplets(NamedTuple):

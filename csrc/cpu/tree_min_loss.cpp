@@ -9,16 +9,26 @@
 // work is split over pixels; every pixel is computed by one thread in node order, so the
 // results do not depend on the thread count. Nothing is allocated but the outputs and the
 // per-thread buffers of V values.
+//
+// The loss is bound by its transcendental functions (an exp and a log per node and pixel, and
+// the focal power), so float computation (fp32, fp16, bf16 logits) on an AVX2 CPU takes eight
+// pixels at a time, one per lane (csrc/cpu/vec_math.h): the same terms in the same node order,
+// with σ(s) and σ(−s) from one exp. A pixel's result does not depend on its lane, so it still
+// does not depend on the thread count. fp64, other CPUs and trees of more than kMaxLaneNodes
+// nodes take the scalar path of csrc/common/tree_min.h.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "common/math.h"
 #include "common/tree_min.h"
 #include "cpu/checks.h"
 #include "cpu/kernels.h"
+#include "cpu/vec_math.h"
 
 namespace protoseg::cpu {
 namespace {
@@ -90,6 +100,172 @@ struct PixelOffsets {
   int64_t operator()(int64_t i) const { return (i / pixels) * batch_stride + (i % pixels) * pixel_stride; }
 };
 
+#if PROTOSEG_HAVE_AVX2_PATH
+constexpr int kLanes = 8;
+constexpr int64_t kMaxLaneNodes = 1024;  // the label × node table below has V² entries
+
+// on_path[l·V + v] = 1 when node v is label l's leaf or one of its ancestors.
+std::vector<int32_t> on_path_table(const TreeTables& t) {
+  std::vector<int32_t> table(t.nodes * t.nodes, 0);
+  for (int64_t label = 0; label < t.nodes; ++label)
+    for (int64_t v = 0; v < t.nodes; ++v) table[label * t.nodes + v] = tree_on_path(t, label, v) ? 1 : 0;
+  return table;
+}
+
+// A block of up to eight pixels: their logits node-major (z[v·8 + lane], 0 for an ignored or
+// absent pixel, whose logits are never read), their labels (0 where ignored, for the table
+// lookups) and which lanes hold a pixel that takes part.
+struct LaneBlock {
+  std::vector<float> z;
+  alignas(32) int32_t label[kLanes];
+  alignas(32) int32_t valid[kLanes];
+  int lanes = 0;
+};
+
+template <typename scalar_t>
+void load_block(LaneBlock& block, const TreeMinArgs& a, const TreeTables& t, const PixelOffsets& offset,
+                int64_t first, int64_t end) {
+  const int64_t node_stride = a.logits.stride(1);
+  const scalar_t* z_data = a.logits.const_data_ptr<scalar_t>();
+  const int64_t* labels = a.labels.const_data_ptr<int64_t>();
+  block.lanes = static_cast<int>(std::min<int64_t>(kLanes, end - first));
+  for (int j = 0; j < kLanes; ++j) {
+    const int64_t label = j < block.lanes ? labels[first + j] : -1;
+    const bool valid = index_in_range(label, t.nodes);
+    block.label[j] = valid ? static_cast<int32_t>(label) : 0;
+    block.valid[j] = valid ? -1 : 0;
+    const scalar_t* src = valid ? z_data + offset(first + j) : nullptr;
+    for (int64_t v = 0; v < t.nodes; ++v) block.z[v * kLanes + j] = valid ? static_cast<float>(src[v * node_stride]) : 0.f;
+  }
+}
+
+// The lanes' positive-node mask for node v, from the label × node table.
+PROTOSEG_AVX2 inline __m256 positive_lanes(const LaneBlock& block, const int32_t* on_path, int64_t nodes, int64_t v) {
+  const __m256i labels = _mm256_load_si256(reinterpret_cast<const __m256i*>(block.label));
+  const __m256i rows = _mm256_add_epi32(_mm256_mullo_epi32(labels, _mm256_set1_epi32(static_cast<int32_t>(nodes))),
+                                        _mm256_set1_epi32(static_cast<int32_t>(v)));
+  const __m256i hit = _mm256_i32gather_epi32(on_path, rows, 4);
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(hit, _mm256_setzero_si256()));
+}
+
+// The extremum of z over one table row, lane-wise, with the first arg-extremum node (as
+// tree_first_extremum: the first valid entry enters, then only strict improvements or a first
+// NaN); node −1 and ±inf for a row without a valid entry.
+struct LaneExtremum {
+  __m256 value;
+  __m256i node;
+};
+template <bool kLargest>
+PROTOSEG_AVX2 inline LaneExtremum lane_extremum(const LaneBlock& block, const int64_t* row, int64_t width,
+                                                int64_t nodes) {
+  const float start = kLargest ? -std::numeric_limits<float>::infinity() : std::numeric_limits<float>::infinity();
+  LaneExtremum best{_mm256_set1_ps(start), _mm256_set1_epi32(-1)};
+  bool empty = true;
+  for (int64_t k = 0; k < width; ++k) {
+    const int64_t node = row[k];
+    if (!index_in_range(node, nodes)) continue;
+    const __m256 x = _mm256_loadu_ps(block.z.data() + node * kLanes);
+    const __m256 take = empty ? _mm256_castsi256_ps(_mm256_set1_epi32(-1))
+                              : (kLargest ? vec::replaces_max(x, best.value) : vec::replaces_min(x, best.value));
+    best.value = _mm256_blendv_ps(best.value, x, take);
+    best.node = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(best.node),
+                                                     _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int32_t>(node))),
+                                                     take));
+    empty = false;
+  }
+  return best;
+}
+
+// s per lane: MCL_v on positive lanes, −MCM_v on negative ones; the term of a node is then
+// t(s) = −log(σ(s) + ε)·σ(−s)^γ for both signs.
+PROTOSEG_AVX2 inline __m256 node_term(vec::SigmoidPair sig, float gamma, float eps) {
+  const __m256 term = _mm256_sub_ps(_mm256_setzero_ps(), Sleef_logf8_u10(_mm256_add_ps(sig.of_s, _mm256_set1_ps(eps))));
+  return gamma != 0.f ? _mm256_mul_ps(term, vec::focal_power(sig.of_minus_s, gamma)) : term;
+}
+
+// dt/ds = σ(s)·[γ·log(σ(s) + ε) − σ(−s)/(σ(s) + ε)]·σ(−s)^γ (the positive slope of
+// csrc/common/tree_min.h in s; the negative slope in m = −s is its negation).
+PROTOSEG_AVX2 inline __m256 node_slope(vec::SigmoidPair sig, float gamma, float eps) {
+  const __m256 shifted = _mm256_add_ps(sig.of_s, _mm256_set1_ps(eps));
+  const __m256 inner = _mm256_sub_ps(_mm256_mul_ps(_mm256_set1_ps(gamma), Sleef_logf8_u10(shifted)),
+                                     _mm256_div_ps(sig.of_minus_s, shifted));
+  const __m256 slope = _mm256_mul_ps(sig.of_s, inner);
+  return gamma != 0.f ? _mm256_mul_ps(slope, vec::focal_power(sig.of_minus_s, gamma)) : slope;
+}
+
+template <typename scalar_t>
+PROTOSEG_AVX2 void forward_lanes(const TreeMinArgs& a, const TreeTables& t, const int32_t* on_path, float gamma,
+                                 float eps, int64_t begin, int64_t end, float* out) {
+  const PixelOffsets offset{a.logits.size(2), a.logits.stride(0), a.logits.stride(2)};
+  const float* w = a.node_weights.const_data_ptr<float>();
+  LaneBlock block;
+  block.z.resize(t.nodes * kLanes);
+  alignas(32) float loss_lanes[kLanes];
+  for (int64_t first = begin; first < end; first += kLanes) {
+    load_block<scalar_t>(block, a, t, offset, first, end);
+    __m256 loss = _mm256_setzero_ps();
+    for (int64_t v = 0; v < t.nodes; ++v) {
+      const __m256 mcl = lane_extremum<false>(block, t.ancestors + v * t.ancestor_width, t.ancestor_width, t.nodes).value;
+      const __m256 mcm =
+          lane_extremum<true>(block, t.descendants + v * t.descendant_width, t.descendant_width, t.nodes).value;
+      const __m256 s = _mm256_blendv_ps(_mm256_sub_ps(_mm256_setzero_ps(), mcm), mcl,
+                                        positive_lanes(block, on_path, t.nodes, v));
+      loss = _mm256_add_ps(loss, _mm256_mul_ps(_mm256_set1_ps(w[v]), node_term(vec::sigmoid_pair(s), gamma, eps)));
+    }
+    _mm256_store_ps(loss_lanes, loss);
+    for (int j = 0; j < block.lanes; ++j) out[first + j] = block.valid[j] ? loss_lanes[j] : 0.f;
+  }
+}
+
+template <typename scalar_t>
+PROTOSEG_AVX2 void backward_lanes(const TreeMinArgs& a, const TreeTables& t, const int32_t* on_path,
+                                  const float* grad_loss, float gamma, float eps, int64_t begin, int64_t end,
+                                  at::Tensor& grad) {
+  const PixelOffsets offset{a.logits.size(2), a.logits.stride(0), a.logits.stride(2)};
+  const PixelOffsets grad_offset{grad.size(2), grad.stride(0), grad.stride(2)};
+  const int64_t grad_node_stride = grad.stride(1);
+  const float* w = a.node_weights.const_data_ptr<float>();
+  scalar_t* g_data = grad.data_ptr<scalar_t>();
+  LaneBlock block;
+  block.z.resize(t.nodes * kLanes);
+  std::vector<float> acc(t.nodes * kLanes);
+  alignas(32) float value[kLanes];
+  alignas(32) int32_t node[kLanes];
+  alignas(32) float upstream[kLanes];
+  for (int64_t first = begin; first < end; first += kLanes) {
+    load_block<scalar_t>(block, a, t, offset, first, end);
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int j = 0; j < kLanes; ++j) upstream[j] = j < block.lanes && block.valid[j] ? grad_loss[first + j] : 0.f;
+    const __m256 g = _mm256_load_ps(upstream);
+    for (int64_t v = 0; v < t.nodes; ++v) {
+      const LaneExtremum low = lane_extremum<false>(block, t.ancestors + v * t.ancestor_width, t.ancestor_width, t.nodes);
+      const LaneExtremum high =
+          lane_extremum<true>(block, t.descendants + v * t.descendant_width, t.descendant_width, t.nodes);
+      const __m256 positive = positive_lanes(block, on_path, t.nodes, v);
+      const __m256 s = _mm256_blendv_ps(_mm256_sub_ps(_mm256_setzero_ps(), high.value), low.value, positive);
+      const __m256 slope_s = node_slope(vec::sigmoid_pair(s), gamma, eps);
+      const __m256 slope_m = _mm256_blendv_ps(_mm256_sub_ps(_mm256_setzero_ps(), slope_s), slope_s, positive);
+      _mm256_store_ps(value, _mm256_mul_ps(slope_m, _mm256_mul_ps(g, _mm256_set1_ps(w[v]))));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(node),
+                         _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(high.node),
+                                                              _mm256_castsi256_ps(low.node), positive)));
+      for (int j = 0; j < block.lanes; ++j)
+        if (block.valid[j] && node[j] >= 0) acc[node[j] * kLanes + j] += value[j];
+    }
+    for (int j = 0; j < block.lanes; ++j) {  // every element written, zeros when ignored
+      scalar_t* dst = g_data + grad_offset(first + j);
+      for (int64_t v = 0; v < t.nodes; ++v) dst[v * grad_node_stride] = static_cast<scalar_t>(acc[v * kLanes + j]);
+    }
+  }
+}
+
+// Whether the eight-lane path serves these logits.
+template <typename acc_t>
+bool lanes_serve(const TreeTables& t) {
+  return std::is_same_v<acc_t, float> && vec::has_avx2() && t.nodes <= kMaxLaneNodes;
+}
+#endif
+
 template <typename scalar_t, typename acc_t>
 void forward_impl(const TreeMinArgs& a, acc_t gamma, acc_t eps, at::Tensor& loss) {
   const TreeTables t = tables_of(a);
@@ -99,6 +275,17 @@ void forward_impl(const TreeMinArgs& a, acc_t gamma, acc_t eps, at::Tensor& loss
   const int64_t* labels = a.labels.const_data_ptr<int64_t>();
   const acc_t* w = a.node_weights.const_data_ptr<acc_t>();
   acc_t* out = loss.data_ptr<acc_t>();
+#if PROTOSEG_HAVE_AVX2_PATH
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (lanes_serve<acc_t>(t)) {
+      const std::vector<int32_t> on_path = on_path_table(t);
+      at::parallel_for(0, count, pixel_grain(t), [&](int64_t begin, int64_t end) {
+        forward_lanes<scalar_t>(a, t, on_path.data(), gamma, eps, begin, end, out);
+      });
+      return;
+    }
+  }
+#endif
   at::parallel_for(0, count, pixel_grain(t), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> z(t.nodes);
     const auto logit = [&](int64_t v) { return z[v]; };
@@ -127,6 +314,17 @@ void backward_impl(const TreeMinArgs& a, const acc_t* grad_loss, acc_t gamma, ac
   const int64_t* labels = a.labels.const_data_ptr<int64_t>();
   const acc_t* w = a.node_weights.const_data_ptr<acc_t>();
   scalar_t* g_data = grad.data_ptr<scalar_t>();
+#if PROTOSEG_HAVE_AVX2_PATH
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (lanes_serve<acc_t>(t)) {
+      const std::vector<int32_t> on_path = on_path_table(t);
+      at::parallel_for(0, count, pixel_grain(t), [&](int64_t begin, int64_t end) {
+        backward_lanes<scalar_t>(a, t, on_path.data(), grad_loss, gamma, eps, begin, end, grad);
+      });
+      return;
+    }
+  }
+#endif
   at::parallel_for(0, count, pixel_grain(t), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> z(t.nodes), acc(t.nodes);  // the pixel's logits and gradient
     const auto logit = [&](int64_t v) { return z[v]; };
