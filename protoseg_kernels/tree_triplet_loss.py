@@ -47,6 +47,8 @@ from .tree_min_loss import check_hierarchy, check_pixel_labels
 OP = "tree_triplet_loss"
 SELECTIONS = ("first", "random")
 _CHUNK_ROWS = 1024  # rows gathered at a time: bounds the transient memory (about 10·1024·D values)
+# Backward also holds int64 storage offsets of the 3·rows·D gradient elements it adds.
+_BACKWARD_CHUNK_ROWS = 256
 
 
 class Triplets(NamedTuple):
@@ -65,8 +67,8 @@ def _gather_rows(embedding: Tensor, pixels: Tensor) -> Tensor:
     return embedding[pixels // p, :, pixels % p].to(compute_dtype(embedding.dtype))
 
 
-def _chunks(q: int):
-    return ((start, min(start + _CHUNK_ROWS, q)) for start in range(0, q, _CHUNK_ROWS))
+def _chunks(q: int, rows: int = _CHUNK_ROWS):
+    return ((start, min(start + rows, q)) for start in range(0, q, rows))
 
 
 @torch.library.custom_op("protoseg::tree_triplet_loss", mutates_args=())
@@ -109,7 +111,7 @@ def _triplet_backward_op(
     upper = max(embedding.shape[0] * embedding.shape[2] - 1, 0)
     result = _empty_gradient(embedding)
     storage = result.as_strided((result.numel(),), (1,))  # every element once: the layout is dense
-    for start, stop in _chunks(anchors.shape[0]):
+    for start, stop in _chunks(anchors.shape[0], _BACKWARD_CHUNK_ROWS):
         ids = [t[start:stop].clamp(0, upper) for t in (anchors, positives, negatives)]
         a, p, n = (_gather_rows(embedding, i) for i in ids)
         active = (a * (n - p)).sum(1) + margin > 0
