@@ -52,8 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     others = [f"{title}={out / head / 'log.jsonl'}" for title, head in RUNS.items() if head != "protoseg"]
     figures = visualize([str(out / "protoseg" / "last.pt"), "--out", str(out / "figures"), "--label", "ProtoSeg",
                          *(arg for other in others for arg in ("--compare", other))])
-    figures += visualize([str(out / "contrast" / "last.pt"), "--out", str(out / "figures" / "contrast"),
-                          "--label", "ContrastiveSeg"])
+    for title, head in (("ContrastiveSeg", "contrast"), ("HSSN", "hssn")):
+        figures += visualize([str(out / head / "last.pt"), "--out", str(out / "figures" / head), "--label", title])
     class_names = list(results["ProtoSeg"]["iou"])
     print("\nValidation IoU (%), same backbone and schedule:")
     print(format_iou_table(class_names, results))
