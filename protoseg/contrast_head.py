@@ -31,14 +31,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 import protoseg_kernels as pk
 
 from .contrast_compat import original_enqueue, original_fill
 from .head import (
+    CountsSteps,
     HeadOutput,
+    ProjectsPixels,
     _check_choice,
     _check_features,
     _check_positive_float,
@@ -52,7 +53,7 @@ ANCHORS = ("sampled", "dense")
 COMPAT_MODES = ("contrastiveseg",)
 
 
-class ContrastHead(nn.Module):
+class ContrastHead(CountsSteps, ProjectsPixels, nn.Module):
     """Linear classifier plus a projection head trained with ContrastiveSeg's pixel contrast.
 
     Args:
@@ -111,24 +112,10 @@ class ContrastHead(nn.Module):
             if self.compat:
                 original_fill(self.bank)
 
-    def get_extra_state(self) -> dict:
-        return {"steps": self.steps}
-
-    def set_extra_state(self, state: dict) -> None:
-        self.steps = int(state["steps"])
-
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, embed_dim={self.embed_dim}, contrast_set={self.contrast_set!r}, "
                 f"anchors={self.anchors!r}, temperature={self.temperature}, compat={self.compat!r}, "
                 f"warmup_iters={self.warmup_iters}")
-
-    def embedding_map(self, features: Tensor) -> Tensor:
-        """Unit-norm embeddings [b, D, h, w] of features [b, C_in, h, w]."""
-        return F.normalize(self.projection(_check_features(features)), dim=1)
-
-    def embed(self, features: Tensor) -> Tensor:
-        """Unit-norm pixel embeddings [b·h·w, D] in (b, y, x) order (as ProtoSegHead.embed)."""
-        return self.embedding_map(features).permute(0, 2, 3, 1).reshape(-1, self.embed_dim)
 
     def forward(
         self, features: Tensor, labels: Tensor | None = None, *, generator: torch.Generator | None = None

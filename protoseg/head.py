@@ -122,7 +122,37 @@ def _resolve_assignment(assignment: str | None, compat: str | None) -> str:
     return "gumbel"
 
 
-class ProtoSegHead(nn.Module):
+class CountsSteps:
+    """A head's ``steps`` (its training forwards with labels so far) in the ``state_dict``, so a
+    resumed run continues warm-ups and ramps at the same step; a Python int, so reading it
+    never synchronises a GPU."""
+
+    steps: int
+
+    def get_extra_state(self) -> dict:
+        return {"steps": self.steps}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.steps = int(state["steps"])
+
+
+class ProjectsPixels:
+    """A head with a ``projection`` module to ``embed_dim`` channels: its l2-normalised pixel
+    embeddings (ContrastiveSeg and HSSN; ProtoSegHead adds a LayerNorm first)."""
+
+    projection: nn.Module
+    embed_dim: int
+
+    def embedding_map(self, features: Tensor) -> Tensor:
+        """Unit-norm embeddings [b, D, h, w] of features [b, C_in, h, w]."""
+        return F.normalize(self.projection(_check_features(features)), dim=1)
+
+    def embed(self, features: Tensor) -> Tensor:
+        """Unit-norm pixel embeddings [b·h·w, D] in (b, y, x) order (as ProtoSegHead.embed)."""
+        return self.embedding_map(features).permute(0, 2, 3, 1).reshape(-1, self.embed_dim)
+
+
+class ProtoSegHead(CountsSteps, nn.Module):
     """Nonparametric prototype head: K prototypes per class, cosine similarity,
     Sinkhorn assignment, PPC/PPD losses and a momentum update (ProtoSeg).
 
@@ -193,14 +223,6 @@ class ProtoSegHead(nn.Module):
         prototypes = torch.empty(self.num_classes, self.num_prototypes, self.embed_dim)
         nn.init.trunc_normal_(prototypes, std=0.02)
         self.register_buffer("prototypes", F.normalize(prototypes, dim=-1))
-
-    # The step counter lives in the state_dict so that a resumed run leaves the
-    # warm-up at the same step; it is a Python int so reading it never syncs a GPU.
-    def get_extra_state(self) -> dict:
-        return {"steps": self.steps}
-
-    def set_extra_state(self, state: dict) -> None:
-        self.steps = int(state["steps"])
 
     def extra_repr(self) -> str:
         mode = f"compat={self.compat!r}" if self.compat else f"assignment={self.assignment!r}"

@@ -30,13 +30,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 import protoseg_kernels as pk
 
 from .head import (
+    CountsSteps,
     HeadOutput,
+    ProjectsPixels,
     _check_choice,
     _check_features,
     _check_positive_float,
@@ -65,7 +66,7 @@ def triplet_factor(step: int, weight: float, ramp_iters: int) -> float:
     return weight / 2 * (1 + math.cos(math.pi * (step - ramp_iters) / ramp_iters))
 
 
-class HSSNHead(nn.Module):
+class HSSNHead(CountsSteps, ProjectsPixels, nn.Module):
     """Node classifier and projection head trained with HSSN's hierarchical losses.
 
     Args:
@@ -118,24 +119,10 @@ class HSSNHead(nn.Module):
         self.classifier = nn.Conv2d(in_channels, hierarchy.num_nodes, kernel_size=1)
         self.projection = build_projection("mlp", in_channels, self.embed_dim)
 
-    def get_extra_state(self) -> dict:
-        return {"steps": self.steps}
-
-    def set_extra_state(self, state: dict) -> None:
-        self.steps = int(state["steps"])
-
     def extra_repr(self) -> str:
         return (f"hierarchy={self.hierarchy!r}, embed_dim={self.embed_dim}, tree_min_scale={self.tree_min_scale}, "
                 f"focal_gamma={self.focal_gamma}, triplet_weight={self.triplet_weight}, "
                 f"triplet_ramp_iters={self.triplet_ramp_iters}, rule={self.rule!r}, compat={self.compat!r}")
-
-    def embedding_map(self, features: Tensor) -> Tensor:
-        """Unit-norm embeddings [b, D, h, w] of features [b, C_in, h, w]."""
-        return F.normalize(self.projection(_check_features(features)), dim=1)
-
-    def embed(self, features: Tensor) -> Tensor:
-        """Unit-norm pixel embeddings [b·h·w, D] in (b, y, x) order (as ProtoSegHead.embed)."""
-        return self.embedding_map(features).permute(0, 2, 3, 1).reshape(-1, self.embed_dim)
 
     def forward(
         self, features: Tensor, labels: Tensor | None = None, *, generator: torch.Generator | None = None

@@ -46,3 +46,21 @@ def assert_same_state(expected: dict, actual: dict) -> None:
             assert torch.equal(expected[key], actual[key]), key
         else:
             assert expected[key] == actual[key], key
+
+
+def resume_matches_a_straight_run(config: str, overrides: tuple, tmp_path, monkeypatch, checkpoint_every: int):
+    """Train straight through, and again killed after the first checkpoint then resumed;
+    assert both end in bitwise the same model. Returns the resumed trainer."""
+    from protoseg.config import load_config
+    from protoseg.trainer import Trainer
+
+    common = (*overrides, f"train.checkpoint_every={checkpoint_every}")
+    straight = Trainer(load_config(config, (*common, f"train.output_dir={tmp_path / 'a'}")))
+    straight.train()
+    train_until_first_checkpoint(Trainer(load_config(config, (*common, f"train.output_dir={tmp_path / 'b'}"))),
+                                 monkeypatch)
+    resumed = Trainer(load_config(config, (*common, f"train.output_dir={tmp_path / 'b'}", "train.resume=auto")))
+    assert resumed.iteration == checkpoint_every
+    resumed.train()
+    assert_same_state(straight.model.state_dict(), resumed.model.state_dict())
+    return resumed

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from protoseg_fixtures import assert_same_state, single_thread, train_until_first_checkpoint  # noqa: F401
+from protoseg_fixtures import resume_matches_a_straight_run, single_thread  # noqa: F401
 
 import protoseg_kernels as pk
 from protoseg import ContrastHead, train, visualize
@@ -173,15 +173,7 @@ def test_cli_trains_the_contrast_head(tmp_path, capsys):
 
 
 def test_resume_continues_identically(tmp_path, monkeypatch):
-    common = (*TINY, "train.checkpoint_every=4")
-    straight = Trainer(load_config("demo", (*common, f"train.output_dir={tmp_path / 'a'}")))
-    straight.train()
-    train_until_first_checkpoint(Trainer(load_config("demo", (*common, f"train.output_dir={tmp_path / 'b'}"))),
-                                 monkeypatch)
-    resumed = Trainer(load_config("demo", (*common, f"train.output_dir={tmp_path / 'b'}", "train.resume=auto")))
-    assert resumed.iteration == 4
-    resumed.train()
-    assert_same_state(straight.model.state_dict(), resumed.model.state_dict())
+    resume_matches_a_straight_run("demo", tuple(TINY), tmp_path, monkeypatch, checkpoint_every=4)
 
 
 @pytest.mark.parametrize("backbone", ["resnet18"])

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from protoseg_fixtures import assert_same_state, single_thread, train_until_first_checkpoint  # noqa: F401
+from protoseg_fixtures import resume_matches_a_straight_run, single_thread  # noqa: F401
 
 import protoseg_kernels as pk
 from protoseg import HSSNHead, PixelPrototypeCELoss, train, visualize
@@ -21,7 +21,6 @@ from protoseg.evaluation import ConfusionMatrix, level_summaries
 from protoseg.hierarchies import build_hierarchy
 from protoseg.hssn_head import triplet_factor
 from protoseg.labels import downsample_labels
-from protoseg.trainer import Trainer
 
 IGNORE = 255
 # Three levels: leaves 0..5, middle nodes 6..8, roots 9..10 (V = 11).
@@ -245,12 +244,5 @@ def test_cli_trains_the_hssn_head_and_its_checkpoint_predicts(tmp_path, capsys):
 
 
 def test_resume_continues_identically(tmp_path, monkeypatch):
-    common = (*TINY, "train.checkpoint_every=4")
-    straight = Trainer(load_config("demo", (*common, f"train.output_dir={tmp_path / 'a'}")))
-    straight.train()
-    train_until_first_checkpoint(Trainer(load_config("demo", (*common, f"train.output_dir={tmp_path / 'b'}"))),
-                                 monkeypatch)
-    resumed = Trainer(load_config("demo", (*common, f"train.output_dir={tmp_path / 'b'}", "train.resume=auto")))
-    assert resumed.iteration == 4 and resumed.model.head.steps == 4
-    resumed.train()
-    assert_same_state(straight.model.state_dict(), resumed.model.state_dict())
+    resumed = resume_matches_a_straight_run("demo", tuple(TINY), tmp_path, monkeypatch, checkpoint_every=4)
+    assert resumed.model.head.steps == 6  # the triplet ramp continued from step 4
