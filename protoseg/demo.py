@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from ._help import plain
 from .config import load_config
 from .evaluation import format_iou_table
 
@@ -36,7 +37,7 @@ def train_run(head: str, out: Path, extra: Sequence[str]) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m protoseg.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m protoseg.demo", description=plain(__doc__).split("\n\n")[0])
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="overrides applied to every run (e.g. optim.iters=100)")

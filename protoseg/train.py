@@ -22,11 +22,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ._help import plain
 from .config import ConfigError, load_config, packaged_config_names
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    _, description, _, examples = __doc__.split("\n\n")
+    _, description, _, examples = plain(__doc__).split("\n\n")
     parser = argparse.ArgumentParser(
         prog="protoseg-train", description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"examples:\n{examples}\n\npackaged configs: {', '.join(packaged_config_names())}",

@@ -21,13 +21,14 @@ from pathlib import Path
 
 import torch
 
+from ._help import plain
 from .checkpoint import model_from_checkpoint
 from .data import build_datasets
 from .head import ProtoSegHead
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m protoseg.visualize", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m protoseg.visualize", description=plain(__doc__).split("\n\n")[0])
     parser.add_argument("checkpoint", help="a training checkpoint (last.pt)")
     parser.add_argument("--out", help="output folder (default: the checkpoint's folder)")
     parser.add_argument("--class", dest="class_names", action="append", metavar="NAME",

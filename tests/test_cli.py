@@ -21,6 +21,7 @@ def test_help_answers_without_importing_torch():
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "packaged configs:" in result.stdout and result.stdout.strip().endswith("False")
+    assert "``" not in result.stdout  # reST literals shown as plain text
 
 
 BAD_CHOICES = [
