@@ -72,6 +72,11 @@ def check_features_and_prototypes(
             f"got shape {_shape(prototypes)}"
         )
     if prototypes.shape[2] != x.shape[1]:
+        if prototypes.shape[2] == x.shape[0]:  # the embedding size is x's first dimension
+            raise ValueError(
+                f"{op}: x must be [N, D] with D = {prototypes.shape[2]} (the prototypes' last dimension), "
+                f"got shape {_shape(x)}: is x transposed ([D, N])?"
+            )
         raise ValueError(
             f"{op}: prototypes must have the embedding size of x (D = {x.shape[1]}) in their "
             f"last dimension, got shape {_shape(prototypes)}"

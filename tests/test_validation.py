@@ -49,6 +49,7 @@ COMMON_CASES = [
     (dict(x=torch.randint(0, 5, (N, D))), TypeError, ["x", "floating", "int64"]),
     (dict(x=[[1.0] * D] * N), TypeError, ["x", "torch.Tensor", "list"]),
     (dict(x=torch.randn(N, 0)), ValueError, ["x", "D > 0"]),
+    (dict(x=torch.randn(N, D).t()), ValueError, ["x must be [N, D] with D = 5", "(5, 12)", "transposed"]),
     (dict(prototypes=torch.randn(C, D)), ValueError, ["prototypes", "[C, K, D]"]),
     (dict(prototypes=torch.randn(C, K, D + 1)), ValueError, ["prototypes", "D = 5", "(3, 4, 6)"]),
     (dict(prototypes=torch.randn(0, K, D)), ValueError, ["prototypes", "C > 0"]),
