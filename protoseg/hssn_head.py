@@ -136,8 +136,10 @@ class HSSNHead(CountsSteps, ProjectsPixels, nn.Module):
         if self.validate_labels:
             check_labels(labels, batch, self.num_classes, self.ignore_index, self.process_group)
         full = upsample_logits(nodes, labels.shape[-2:])
-        tree_min = pk.tree_min_loss(full, labels, self.hierarchy, focal_gamma=self.focal_gamma,
-                                    scale=self.tree_min_scale, ignore_index=self.ignore_index, validate=False)
+        # compat mutates the caller's labels below, and the loss keeps its labels for backward.
+        tree_min = pk.tree_min_loss(full, labels.clone() if self.compat else labels, self.hierarchy,
+                                    focal_gamma=self.focal_gamma, scale=self.tree_min_scale,
+                                    ignore_index=self.ignore_index, validate=False)
         if self.compat:
             labels.masked_fill_(labels == self.ignore_index, 0)  # the original's bug, on the caller's labels
         level_ce = self._level_cross_entropies(full, labels)

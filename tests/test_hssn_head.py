@@ -129,6 +129,9 @@ def test_labels_are_left_alone_unless_compat_reproduces_the_original_mutation():
     torch.testing.assert_close(output.tree_min, tree_min_void, rtol=1e-12, atol=1e-12)  # mutated after tree-min
     torch.testing.assert_close(output.level_ce, level_ce, rtol=1e-12, atol=1e-12)
     assert not torch.allclose(tree_min, tree_min_void)
+    terms = PixelPrototypeCELoss(ignore_index=IGNORE)(output, labels)  # the CE sees the mutated labels too
+    terms.loss.backward()  # the tree-min loss kept its own copy of the labels for backward
+    assert all(p.grad is not None for p in compat.parameters())
 
 
 def test_an_all_void_batch_gives_zero_terms_and_zero_gradients():
@@ -241,6 +244,10 @@ def test_cli_trains_the_hssn_head_and_its_checkpoint_predicts(tmp_path, capsys):
     assert prediction.shape == (2, 32, 32) and int(prediction.max()) < len(class_names)
     written = visualize.run([str(run_dir / "last.pt"), "--out", str(tmp_path / "figures")])
     assert sorted(p.name for p in written) == ["curves.png", "embedding_pca.png"]
+
+
+def test_cli_trains_the_compat_mode(tmp_path):
+    assert train.main(["demo", *TINY, "model.compat=hssn", "optim.iters=2", f"train.output_dir={tmp_path}"]) == 0
 
 
 def test_resume_continues_identically(tmp_path, monkeypatch):
