@@ -106,6 +106,12 @@ def _check_positive_float(name: str, value: object) -> float:
     return float(value)
 
 
+def _check_non_negative_float(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
 def _check_features(features: object) -> Tensor:
     if not isinstance(features, Tensor) or features.dim() != 4:
         got = f"shape {tuple(features.shape)}" if isinstance(features, Tensor) else type(features).__name__

@@ -33,6 +33,8 @@ import torch
 from torch import Tensor, nn
 
 import protoseg_kernels as pk
+from protoseg_kernels.hierarchy_predict import RULES
+from protoseg_kernels.tree_triplet_loss import SELECTIONS
 
 from .head import (
     CountsSteps,
@@ -40,6 +42,7 @@ from .head import (
     ProjectsPixels,
     _check_choice,
     _check_features,
+    _check_non_negative_float,
     _check_positive_float,
     _check_positive_int,
     build_projection,
@@ -48,14 +51,6 @@ from .labels import check_labels, downsample_labels
 from .loss import masked_cross_entropy, upsample_logits
 
 COMPAT_MODES = ("hssn",)
-RULES = ("softmax_sum", "path_min")
-SELECTIONS = ("first", "random")
-
-
-def _check_non_negative_float(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
 
 
 def triplet_factor(step: int, weight: float, ramp_iters: int) -> float:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .head import HeadOutput
+from .head import HeadOutput, _check_non_negative_float
 
 
 class LossTerms(NamedTuple):
@@ -64,13 +64,9 @@ class PixelPrototypeCELoss(nn.Module):
         contrast_weight: float = 0.1,
     ) -> None:
         super().__init__()
-        weights_given = (("ppc_weight", ppc_weight), ("ppd_weight", ppd_weight), ("contrast_weight", contrast_weight))
-        for name, value in weights_given:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        self.ppc_weight = float(ppc_weight)
-        self.ppd_weight = float(ppd_weight)
-        self.contrast_weight = float(contrast_weight)
+        self.ppc_weight = _check_non_negative_float("ppc_weight", ppc_weight)
+        self.ppd_weight = _check_non_negative_float("ppd_weight", ppd_weight)
+        self.contrast_weight = _check_non_negative_float("contrast_weight", contrast_weight)
         self.ignore_index = int(ignore_index)
         weights = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
         if weights is not None and (weights.dim() != 1 or not bool((weights >= 0).all())):
