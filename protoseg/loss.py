@@ -4,13 +4,16 @@ for a contrast head + λ·pixel contrast, for the HSSN head + its hierarchy term
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import protoseg_kernels as pk
+
 from .head import HeadOutput, _check_non_negative_float
+from .labels import check_labels
 
 
 class LossTerms(NamedTuple):
@@ -47,9 +50,15 @@ class PixelPrototypeCELoss(nn.Module):
             the original code).
         contrast_weight: λ of the pixel contrast (ContrastiveSeg: 0.1 in-batch, 1 with
             the memory bank).
-        ignore_index: label of unlabelled pixels.
+        ignore_index: label of unlabelled pixels (-1, ``pk.IGNORE_INDEX``, by default).
         class_weights: optional per-class CE weights (the mean is then weighted, as
             ``F.cross_entropy`` does).
+        validate_labels: check that ``labels`` are [b, H, W] classes in [0, C) or
+            ``ignore_index`` (one host synchronisation per call, inside a compiled graph
+            too); a head that checks the same labels (``validate_labels=True``) makes this
+            redundant, and the trainer then turns it off.
+        process_group: with ``validate_labels``, makes the check collective (every rank
+            raises the same error; see ``protoseg.labels.check_labels``).
 
     The CE is 0 with zero gradient on a batch without labelled pixels
     (``F.cross_entropy`` gives NaN there).
@@ -59,11 +68,15 @@ class PixelPrototypeCELoss(nn.Module):
         self,
         ppc_weight: float = 0.01,
         ppd_weight: float = 0.001,
-        ignore_index: int = 255,
+        ignore_index: int = pk.IGNORE_INDEX,
         class_weights: Sequence[float] | Tensor | None = None,
         contrast_weight: float = 0.1,
+        validate_labels: bool = True,
+        process_group: Any | None = None,
     ) -> None:
         super().__init__()
+        self.validate_labels = bool(validate_labels)
+        self.process_group = process_group
         self.ppc_weight = _check_non_negative_float("ppc_weight", ppc_weight)
         self.ppd_weight = _check_non_negative_float("ppd_weight", ppd_weight)
         self.contrast_weight = _check_non_negative_float("contrast_weight", contrast_weight)
@@ -77,6 +90,8 @@ class PixelPrototypeCELoss(nn.Module):
         """``output``: a head's :class:`HeadOutput` or plain logits [b, C, h, w];
         ``labels``: [b, H, W]."""
         seg = output if isinstance(output, Tensor) else output.seg
+        if self.validate_labels:
+            labels = check_labels(labels, seg.shape[0], seg.shape[1], self.ignore_index, self.process_group)
         ce = self.cross_entropy(seg, labels)
         zero = ce.new_zeros(())
         head = None if isinstance(output, Tensor) else output

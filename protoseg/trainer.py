@@ -95,8 +95,12 @@ class Trainer:
                                  self.hierarchy).to(self.device)
         if self.context.group is not None and self.device.type == "cuda":
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        # The labels are checked once per step: by the head when it checks them, else by the loss.
+        head_checks = getattr(self.model.head, "validate_labels", False)
         self.loss_fn = PixelPrototypeCELoss(config.loss.ppc_weight, config.loss.ppd_weight, IGNORE_INDEX,
-                                            config.loss.class_weights, config.loss.contrast_weight).to(self.device)
+                                            config.loss.class_weights, config.loss.contrast_weight,
+                                            validate_labels=not head_checks,
+                                            process_group=self.context.group).to(self.device)
         self.optimizer = build_optimizer(config.optim, self.model.parameters())
         self.scheduler = poly_schedule(self.optimizer, config.optim.iters, config.optim.poly_power)
         self.amp_dtype = self._amp_dtype()

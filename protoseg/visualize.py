@@ -46,7 +46,7 @@ def class_frequencies(dataset, num_classes: int, scan: int = 100) -> torch.Tenso
     counts = torch.zeros(num_classes, dtype=torch.int64)
     for index in range(min(scan, len(dataset))):
         labels = dataset[index][1]
-        counts += torch.bincount(labels[labels < num_classes].flatten(), minlength=num_classes)
+        counts += torch.bincount(labels[(labels >= 0) & (labels < num_classes)].flatten(), minlength=num_classes)
     return counts
 
 

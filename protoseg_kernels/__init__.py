@@ -24,6 +24,7 @@ Backends: ``reference``, ``cpu``, ``triton``, ``cuda`` (see
 """
 
 from ._backend import BackendFallbackWarning, available_backends, backend_for, use_backend
+from ._checks import IGNORE_INDEX
 from .class_memory_bank import ClassMemoryBank
 from .class_scores import (
     ScoresWithIndex,
@@ -47,6 +48,7 @@ from .update_prototypes import PrototypeUpdate, update_prototypes
 __version__ = "0.1.0"
 
 __all__ = [
+    "IGNORE_INDEX",
     "AnchorSample",
     "BackendFallbackWarning",
     "ClassMemoryBank",

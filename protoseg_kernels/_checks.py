@@ -26,6 +26,9 @@ from ._op_utils import compute_dtype
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+# The one default label of unlabelled pixels, for every op, head, loss and dataset of the
+# library (docs/spec.md §3, "Conventions"): the original ProtoSeg and ContrastiveSeg value.
+IGNORE_INDEX = -1
 
 
 def _shape(t: torch.Tensor) -> str:

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from ._checks import (
     FLOAT_DTYPES,
+    IGNORE_INDEX,
     INDEX_DTYPES,
     check_bool,
     check_float_tensor,
@@ -89,7 +90,7 @@ class ClassMemoryBank(nn.Module):
     """
 
     def __init__(
-        self, num_classes: int, size: int, dim: int, *, ignore_index: int = -1,
+        self, num_classes: int, size: int, dim: int, *, ignore_index: int = IGNORE_INDEX,
         dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
     ) -> None:
         super().__init__()

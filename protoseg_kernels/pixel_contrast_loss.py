@@ -53,6 +53,7 @@ from torch import Tensor
 
 from ._backend import get_backend, resolve_backend
 from ._checks import (
+    IGNORE_INDEX,
     check_bool,
     check_choice,
     check_class_ids,
@@ -200,7 +201,7 @@ def pixel_contrast_loss(
     base_temperature: float = 0.07,
     normalize: bool = True,
     denominator: str = "contrastiveseg",
-    ignore_index: int = -1,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     validate: bool = True,
 ) -> Tensor:

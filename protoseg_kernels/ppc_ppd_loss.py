@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ._backend import get_backend, resolve_backend
 from ._checks import (
+    IGNORE_INDEX,
     check_bool,
     check_choice,
     check_features_and_prototypes,
@@ -150,7 +151,7 @@ def ppc_ppd_loss(
     lse: Tensor | None = None,
     normalize: bool = True,
     temperature: float = 1.0,
-    ignore_index: int = -1,
+    ignore_index: int = IGNORE_INDEX,
     reduction: str = "mean",
     validate: bool = True,
 ) -> PpcPpdLoss:

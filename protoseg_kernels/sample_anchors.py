@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ._checks import (
+    IGNORE_INDEX,
     INDEX_DTYPES,
     check_bool,
     check_class_ids,
@@ -88,7 +89,7 @@ def sample_anchors(
     *,
     max_samples: int = 1024,
     max_views: int = 100,
-    ignore_index: int = -1,
+    ignore_index: int = IGNORE_INDEX,
     generator: torch.Generator | None = None,
     priority: Tensor | None = None,
     validate: bool = True,

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ._backend import get_backend, resolve_backend
 from ._checks import (
+    IGNORE_INDEX,
     check_bool,
     check_features_and_prototypes,
     check_index_range,
@@ -97,7 +98,7 @@ def sinkhorn_assign(
     normalize: bool = True,
     epsilon: float = 0.05,
     iterations: int = 3,
-    ignore_index: int = -1,
+    ignore_index: int = IGNORE_INDEX,
     return_q: bool = False,
     process_group: Any | None = None,
     validate: bool = True,

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ._checks import (
+    IGNORE_INDEX,
     check_bool,
     check_features_and_prototypes,
     check_index_range,
@@ -189,7 +190,7 @@ def target_similarity(
     target: Tensor,
     *,
     normalize: bool = True,
-    ignore_index: int = -1,
+    ignore_index: int = IGNORE_INDEX,
     validate: bool = True,
 ) -> Tensor:
     """Similarity [N] of each pixel to its target prototype, N·D work.

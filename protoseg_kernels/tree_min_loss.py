@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ._backend import get_backend, resolve_backend
 from ._checks import (
+    IGNORE_INDEX,
     INDEX_DTYPES,
     check_bool,
     check_choice,
@@ -152,7 +153,7 @@ def tree_min_loss(
     *,
     focal_gamma: float | None = None,
     scale: float = 5.0,
-    ignore_index: int = -1,
+    ignore_index: int = IGNORE_INDEX,
     eps: float = 1e-8,
     reduction: str = "mean",
     validate: bool = True,

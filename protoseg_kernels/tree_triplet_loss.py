@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ._checks import (
+    IGNORE_INDEX,
     check_bool,
     check_choice,
     check_float_tensor,
@@ -232,7 +233,7 @@ def tree_triplet_loss(
     margin: float = 0.6,
     selection: str = "first",
     generator: torch.Generator | None = None,
-    ignore_index: int = -1,
+    ignore_index: int = IGNORE_INDEX,
     validate: bool = True,
 ) -> Tensor:
     """HSSN's tree-triplet loss (formulas in the module docstring, docs/spec.md §11.2).

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ._backend import get_backend, resolve_backend
 from ._checks import (
+    IGNORE_INDEX,
     IndexRange,
     check_bool,
     check_features_and_prototypes,
@@ -106,7 +107,7 @@ def update_prototypes(
     mask: Tensor | None = None,
     momentum: float = 0.999,
     normalize: bool = True,
-    ignore_index: int = -1,
+    ignore_index: int = IGNORE_INDEX,
     process_group: Any | None = None,
     validate: bool = True,
 ) -> PrototypeUpdate:
@@ -135,6 +136,10 @@ def update_prototypes(
         ``PrototypeUpdate(prototypes [C, K, D] new tensor in prototypes' dtype,
         counts [C, K] int64)``. No gradient.
     """
+    if isinstance(x, Tensor) and isinstance(prototypes, Tensor) and x.dim() == 3 and prototypes.dim() == 2:
+        raise ValueError(f"{OP}: prototypes must have shape [C, K, D] and x [N, D], got prototypes "
+                         f"{tuple(prototypes.shape)} and x {tuple(x.shape)}: the prototypes come first "
+                         "(update_prototypes(prototypes, x, labels, index))")
     x, prototypes_as_x = check_features_and_prototypes(OP, x, prototypes)
     del prototypes_as_x  # checked for shape and device; the update keeps prototypes' dtype
     labels = check_index_tensor(OP, "labels", labels, x.shape[0], x.device)

@@ -234,3 +234,25 @@ def test_update_prototypes_checks_the_index_of_labelled_pixels_only():
     with pytest.raises(ValueError, match=rf"index must hold prototype indices in \[0, {K}\) or -1 \(unassigned\), "
                                          rf"found {K}"):
         pk.update_prototypes(g["prototypes"], g["x"], labels, index, ignore_index=255)
+
+
+def test_update_prototypes_names_swapped_arguments():
+    g = _good()
+    with pytest.raises(ValueError, match=r"update_prototypes: .*the prototypes come first"):
+        pk.update_prototypes(g["x"], g["prototypes"], g["labels"], g["index"])
+
+
+def test_one_ignore_index_default_for_ops_heads_losses_and_datasets():
+    import inspect
+
+    import protoseg
+    from protoseg.data import IGNORE_INDEX
+    assert pk.IGNORE_INDEX == IGNORE_INDEX == -1
+    takers = [getattr(pk, name) for name in pk.__all__] + [protoseg.ProtoSegHead, protoseg.ContrastHead,
+                                                          protoseg.HSSNHead, protoseg.PixelPrototypeCELoss]
+    defaults = {}
+    for taker in takers:
+        target = taker.__init__ if inspect.isclass(taker) else taker
+        if callable(target) and "ignore_index" in inspect.signature(target).parameters:
+            defaults[taker.__name__] = inspect.signature(target).parameters["ignore_index"].default
+    assert len(defaults) >= 12 and set(defaults.values()) == {pk.IGNORE_INDEX}, defaults

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-IGNORE_INDEX = 255  # label of unlabelled pixels in every dataset of this package
+# Unlabelled pixels: the library-wide default (-1), so datasets, heads, losses and ops agree.
+# Label files keep their own void ids (Cityscapes 255, ADE20K 0); loading maps them to this.
+from protoseg_kernels import IGNORE_INDEX
+
+__all__ = ["IGNORE_INDEX", "DatasetError"]
 
 
 class DatasetError(FileNotFoundError):

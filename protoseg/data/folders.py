@@ -5,14 +5,14 @@ Cityscapes::
     root/leftImg8bit/{train,val,test}/<city>/<name>_leftImg8bit.png
     root/gtFine/{train,val,test}/<city>/<name>_gtFine_labelIds.png
 
-labelIds are mapped to the 19 evaluation trainIds; every other id becomes 255.
+labelIds are mapped to the 19 evaluation trainIds; every other id becomes ``IGNORE_INDEX`` (-1).
 
 ADE20K (ADEChallengeData2016)::
 
     root/images/{training,validation}/<name>.jpg
     root/annotations/{training,validation}/<name>.png
 
-with "reduce zero label": 0 (other) becomes 255 and class v becomes v − 1 (150 classes).
+with "reduce zero label": 0 (other) becomes ``IGNORE_INDEX`` (-1) and class v becomes v − 1 (150 classes).
 """
 
 from __future__ import annotations
