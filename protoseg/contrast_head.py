@@ -78,7 +78,7 @@ class ContrastHead(CountsSteps, ProjectsPixels, nn.Module):
         self, in_channels: int, num_classes: int, embed_dim: int = 256, *, contrast_set: str = "in_batch",
         anchors: str = "sampled", temperature: float = 0.1, base_temperature: float = 0.07,
         max_samples: int = 1024, max_views: int = 100, memory_size: int = 5000, pixels_per_class: int = 10,
-        compat: str | None = None, warmup_iters: int = 0, ignore_index: int = 255,
+        compat: str | None = None, warmup_iters: int = 0, ignore_index: int = pk.IGNORE_INDEX,
         process_group: Any | None = None, validate_labels: bool = True,
     ) -> None:
         super().__init__()
@@ -100,7 +100,7 @@ class ContrastHead(CountsSteps, ProjectsPixels, nn.Module):
         self.ignore_index = int(ignore_index)
         self.process_group = process_group
         self.validate_labels = bool(validate_labels)
-        self.steps = 0  # training forwards with labels so far (saved in state_dict)
+        self._init_step_counter()
         self._pending: tuple[Tensor, Tensor] | None = None  # this step's enqueue, after backward
 
         self.classifier = nn.Conv2d(in_channels, self.num_classes, kernel_size=1)
@@ -127,15 +127,17 @@ class ContrastHead(CountsSteps, ProjectsPixels, nn.Module):
         if not (self.training and labels is not None):
             return HeadOutput(seg)
         if self.validate_labels:
-            check_labels(labels, batch, self.num_classes, self.ignore_index, self.process_group)
+            labels = check_labels(labels, batch, self.num_classes, self.ignore_index, self.process_group)
+        step = self._count_step()
         self.update_memory()
         embedding = self.embedding_map(features)
         pixel_labels = downsample_labels(labels, (height, width))
-        if self.steps >= self.warmup_iters:
-            contrast = self._contrast_loss(embedding, pixel_labels, seg.detach().argmax(dim=1), generator)
-        else:
-            contrast = embedding.sum() * 0.0  # keeps the projection in the graph for DDP
-        self.steps += 1
+        contrast = self._contrast_loss(embedding, pixel_labels, seg.detach().argmax(dim=1), generator)
+        if self.warmup_iters > 0:
+            # A tensor condition, not a Python branch on the count, so the step stays one graph
+            # under torch.compile; the warm-up's loss is exactly 0 with the projection in the
+            # graph (data parallelism sees every parameter used).
+            contrast = torch.where(step >= self.warmup_iters, contrast, embedding.sum() * 0.0)
         if self.bank is not None:
             self._pending = (embedding.detach(), pixel_labels)
         return HeadOutput(seg, contrast=contrast)

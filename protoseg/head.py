@@ -129,17 +129,36 @@ def _resolve_assignment(assignment: str | None, compat: str | None) -> str:
 
 
 class CountsSteps:
-    """A head's ``steps`` (its training forwards with labels so far) in the ``state_dict``, so a
-    resumed run continues warm-ups and ramps at the same step; a Python int, so reading it
-    never synchronises a GPU."""
+    """A head's count of its training forwards with labels, which drives warm-ups and ramps.
 
-    steps: int
+    The count is a 0-dim int64 buffer on the head's device (``step_count``), advanced in place:
+    a step neither reads a host value nor changes a Python attribute, so ``torch.compile``
+    compiles the step once (it specialises on a Python int and would recompile at every step)
+    and no GPU waits for the host. ``steps`` reads it (a host read, for inspection). It travels
+    in the ``state_dict`` as the int ``{"steps": n}`` (extra state), so a resumed run continues
+    warm-ups and ramps at the same step.
+    """
+
+    step_count: Tensor
+
+    def _init_step_counter(self) -> None:
+        self.register_buffer("step_count", torch.zeros((), dtype=torch.int64), persistent=False)
+
+    @property
+    def steps(self) -> int:
+        return int(self.step_count)
+
+    def _count_step(self) -> Tensor:
+        """This step's index (0 for the first training forward), then advances the count."""
+        step = self.step_count.clone()
+        self.step_count.add_(1)
+        return step
 
     def get_extra_state(self) -> dict:
         return {"steps": self.steps}
 
     def set_extra_state(self, state: dict) -> None:
-        self.steps = int(state["steps"])
+        self.step_count.fill_(int(state["steps"]))
 
 
 class ProjectsPixels:
@@ -175,9 +194,9 @@ class ProtoSegHead(CountsSteps, nn.Module):
             Sinkhorn assignment (default) or the original ``"gumbel"`` draw.
         compat: ``"protoseg"`` reproduces the original code (Gumbel draw, per-rank
             Sinkhorn and update, then the prototypes averaged across ranks).
-        warmup_iters: training forwards with labels that learn no prototypes (loss
-            terms None, prototypes unchanged), as the original ``pretrain_prototype``.
-        ignore_index: label of unlabelled pixels.
+        warmup_iters: training forwards with labels that learn no prototypes (PPC and PPD
+            exactly 0, targets -1, prototypes unchanged), as the original ``pretrain_prototype``.
+        ignore_index: label of unlabelled pixels (-1, ``pk.IGNORE_INDEX``, by default).
         process_group: ranks that share the prototypes under data parallelism
             (e.g. ``torch.distributed.group.WORLD``); None: this process alone.
         validate_labels: check label values once per step (one host synchronisation; with
@@ -199,7 +218,7 @@ class ProtoSegHead(CountsSteps, nn.Module):
         assignment: str | None = None,
         compat: str | None = None,
         warmup_iters: int = 0,
-        ignore_index: int = 255,
+        ignore_index: int = pk.IGNORE_INDEX,
         process_group: Any | None = None,
         validate_labels: bool = True,
     ) -> None:
@@ -220,7 +239,7 @@ class ProtoSegHead(CountsSteps, nn.Module):
         self.ignore_index = int(ignore_index)
         self.process_group = process_group
         self.validate_labels = bool(validate_labels)
-        self.steps = 0  # training forwards with labels so far (saved in state_dict)
+        self._init_step_counter()
 
         self.projection = build_projection(_check_choice("projection", projection, PROJECTIONS),
                                            in_channels, self.embed_dim)
@@ -255,21 +274,21 @@ class ProtoSegHead(CountsSteps, nn.Module):
         # (the ops cast it to x's for the similarities), so the momentum update of
         # an fp32 buffer is not rounded to a low-precision x's dtype.
         prototypes = F.normalize(self.prototypes, dim=-1)
-        learning = self.training and labels is not None
-        if learning:
-            if self.validate_labels:
-                check_labels(labels, batch, self.num_classes, self.ignore_index, self.process_group)
-            learning = self.steps >= self.warmup_iters
-            self.steps += 1
-        if not learning:
+        if not (self.training and labels is not None):
             scores = pk.class_scores(x, prototypes, normalize=False)
             return HeadOutput(self._to_map(self.mask_norm(scores), batch, height, width))
-
+        if self.validate_labels:
+            labels = check_labels(labels, batch, self.num_classes, self.ignore_index, self.process_group)
+        step = self._count_step()
         scores, lse = pk.class_scores(x, prototypes, normalize=False, lse_temperature=self.temperature)
         seg_flat = self.mask_norm(scores)
         pixel_labels = downsample_labels(labels, (height, width)).reshape(-1)
         correct = seg_flat.detach().argmax(dim=1) == pixel_labels
-        target = self._learn_prototypes(x.detach(), prototypes, pixel_labels, correct, generator)
+        # The warm-up is a tensor condition, not a Python branch on the count: the step stays
+        # one graph under torch.compile. A warm-up step runs the clustering, keeps the old
+        # prototypes and gives every pixel the target -1, so PPC and PPD are exactly 0 there.
+        learns = None if self.warmup_iters == 0 else step >= self.warmup_iters
+        target = self._learn_prototypes(x.detach(), prototypes, pixel_labels, correct, generator, learns)
         ppc, ppd = self._contrast_losses(x, prototypes, lse, target)
         return HeadOutput(self._to_map(seg_flat, batch, height, width), ppc, ppd, target)
 
@@ -279,9 +298,11 @@ class ProtoSegHead(CountsSteps, nn.Module):
 
     @torch.no_grad()
     def _learn_prototypes(
-        self, x: Tensor, prototypes: Tensor, labels: Tensor, correct: Tensor, generator: torch.Generator | None
+        self, x: Tensor, prototypes: Tensor, labels: Tensor, correct: Tensor, generator: torch.Generator | None,
+        learns: Tensor | None,
     ) -> Tensor:
-        """Sinkhorn targets [N] (flat c·K + k, -1 unlabelled); updates the buffer."""
+        """Sinkhorn targets [N] (flat c·K + k, -1 unlabelled); updates the buffer. Where
+        ``learns`` (a 0-dim bool) is False, the buffer keeps its value and every target is -1."""
         group = None if self.compat else self.process_group
         gumbel = self.assignment == "gumbel"
         common = {"normalize": False, "ignore_index": self.ignore_index, "process_group": group,
@@ -298,8 +319,12 @@ class ProtoSegHead(CountsSteps, nn.Module):
             # The original code: average the ranks' prototypes, without renormalising.
             new_prototypes = new_prototypes.div_(dist.get_world_size(self.process_group))
             dist.all_reduce(new_prototypes, group=self.process_group)
+        assigned = result.index >= 0
+        if learns is not None:
+            new_prototypes = torch.where(learns, new_prototypes, self.prototypes)
+            assigned = assigned & learns
         self.prototypes.copy_(new_prototypes)
-        return torch.where(result.index >= 0, labels * self.num_prototypes + result.index, UNLABELLED)
+        return torch.where(assigned, labels * self.num_prototypes + result.index, UNLABELLED)
 
     def _contrast_losses(self, x: Tensor, prototypes: Tensor, lse: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         """PPC and PPD averaged over labelled pixels (0 with zero gradient if none), from

@@ -53,12 +53,15 @@ from .loss import masked_cross_entropy, upsample_logits
 COMPAT_MODES = ("hssn",)
 
 
-def triplet_factor(step: int, weight: float, ramp_iters: int) -> float:
+def triplet_factor(step: Tensor | int, weight: float, ramp_iters: int) -> Tensor:
     """f(t) = weight/2·(1 + cos(π(t − T)/T)) for t < T, else ``weight`` (T = ``ramp_iters``;
-    T = 0: ``weight`` from the start). HSSN: weight 0.5, T = 80,000."""
-    if step >= ramp_iters:
-        return weight
-    return weight / 2 * (1 + math.cos(math.pi * (step - ramp_iters) / ramp_iters))
+    T = 0: ``weight`` from the start), for the 0-dim step count t; in fp64, on t's device.
+    HSSN: weight 0.5, T = 80,000."""
+    t = torch.as_tensor(step, dtype=torch.float64)
+    if ramp_iters == 0:
+        return torch.full_like(t, weight)
+    ramp = weight / 2 * (1 + torch.cos(math.pi * (t - ramp_iters) / ramp_iters))
+    return torch.where(t >= ramp_iters, weight, ramp)
 
 
 class HSSNHead(CountsSteps, ProjectsPixels, nn.Module):
@@ -86,7 +89,7 @@ class HSSNHead(CountsSteps, ProjectsPixels, nn.Module):
         self, in_channels: int, hierarchy: pk.Hierarchy, embed_dim: int = 256, *, tree_min_scale: float = 5.0,
         focal_gamma: float | None = None, triplet_weight: float = 0.5, triplet_ramp_iters: int = 80_000,
         max_triplet: int = 200, triplet_margin: float = 0.6, triplet_selection: str = "first",
-        rule: str = "softmax_sum", compat: str | None = None, ignore_index: int = 255,
+        rule: str = "softmax_sum", compat: str | None = None, ignore_index: int = pk.IGNORE_INDEX,
         process_group: Any | None = None, validate_labels: bool = True,
     ) -> None:
         super().__init__()
@@ -108,7 +111,7 @@ class HSSNHead(CountsSteps, ProjectsPixels, nn.Module):
         self.ignore_index = int(ignore_index)
         self.process_group = process_group
         self.validate_labels = bool(validate_labels)
-        self.steps = 0  # training forwards with labels so far (saved in state_dict)
+        self._init_step_counter()
         self._level_tables: dict[torch.device, list[tuple[Tensor, Tensor]]] = {}
 
         self.classifier = nn.Conv2d(in_channels, hierarchy.num_nodes, kernel_size=1)
@@ -128,25 +131,28 @@ class HSSNHead(CountsSteps, ProjectsPixels, nn.Module):
         nodes = self.classifier(features)
         if not (self.training and labels is not None):
             return HeadOutput(pk.hierarchy_scores(nodes, self.hierarchy, rule=self.rule), nodes=nodes)
+        given = labels
         if self.validate_labels:
-            check_labels(labels, batch, self.num_classes, self.ignore_index, self.process_group)
+            labels = check_labels(labels, batch, self.num_classes, self.ignore_index, self.process_group)
+        step = self._count_step()
         full = upsample_logits(nodes, labels.shape[-2:])
         # compat mutates the caller's labels below, and the loss keeps its labels for backward.
         tree_min = pk.tree_min_loss(full, labels.clone() if self.compat else labels, self.hierarchy,
                                     focal_gamma=self.focal_gamma, scale=self.tree_min_scale,
                                     ignore_index=self.ignore_index, validate=False)
         if self.compat:
-            labels.masked_fill_(labels == self.ignore_index, 0)  # the original's bug, on the caller's labels
+            given.masked_fill_(given == self.ignore_index, 0)  # the original's bug, on the caller's labels
+            labels = given
         level_ce = self._level_cross_entropies(full, labels)
-        factor = triplet_factor(self.steps, self.triplet_weight, self.triplet_ramp_iters)
+        factor = triplet_factor(step, self.triplet_weight, self.triplet_ramp_iters)
         # At factor 0 the embedding stays in the graph (weight 0), so data parallelism sees
         # every parameter used.
-        triplet = factor * pk.tree_triplet_loss(
+        triplet = pk.tree_triplet_loss(
             self.embedding_map(features), downsample_labels(labels, (height, width)), self.hierarchy,
             max_triplet=self.max_triplet, margin=self.triplet_margin, selection=self.triplet_selection,
             generator=generator, ignore_index=self.ignore_index, validate=False,
         )
-        self.steps += 1
+        triplet = factor.to(triplet.dtype) * triplet
         return HeadOutput(nodes[:, : self.num_classes], nodes=nodes, tree_min=tree_min, level_ce=level_ce,
                           triplet=triplet)
 

@@ -96,11 +96,14 @@ def test_the_loss_adds_the_hierarchy_terms_and_every_parameter_gets_a_gradient()
 
 
 def test_the_triplet_weight_follows_the_cosine_ramp():
-    assert triplet_factor(0, 0.5, 80_000) == pytest.approx(0.0, abs=1e-15)
-    assert triplet_factor(40_000, 0.5, 80_000) == pytest.approx(0.25)
-    assert triplet_factor(20_000, 0.5, 80_000) == pytest.approx(0.25 * (1 + math.cos(math.pi * 0.75)))
-    assert triplet_factor(80_000, 0.5, 80_000) == 0.5 and triplet_factor(10**6, 0.5, 80_000) == 0.5
-    assert triplet_factor(0, 0.5, 0) == 0.5
+    def f(step: int, weight: float, ramp: int) -> float:
+        return float(triplet_factor(torch.tensor(step), weight, ramp))
+
+    assert f(0, 0.5, 80_000) == pytest.approx(0.0, abs=1e-15)
+    assert f(40_000, 0.5, 80_000) == pytest.approx(0.25)
+    assert f(20_000, 0.5, 80_000) == pytest.approx(0.25 * (1 + math.cos(math.pi * 0.75)))
+    assert f(80_000, 0.5, 80_000) == 0.5 and f(10**6, 0.5, 80_000) == 0.5
+    assert f(0, 0.5, 0) == 0.5
 
 
 def test_the_first_step_keeps_the_projection_in_the_graph_at_weight_zero():

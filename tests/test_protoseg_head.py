@@ -145,7 +145,7 @@ def test_warmup_steps_train_without_prototype_learning():
     before = head.prototypes.clone()
     for _ in range(2):
         out = head(features, labels)
-        assert out.ppc is None and out.target is None
+        assert out.ppc.item() == 0 and out.ppd.item() == 0 and (out.target == -1).all()
         assert torch.equal(head.prototypes, before)
     out = head(features, labels)
     assert out.ppc is not None and not torch.equal(head.prototypes, before)
@@ -224,6 +224,19 @@ def test_bad_labels_raise_clear_errors(mutate, error, message):
     features, labels = make_batch(seed=9)
     with pytest.raises(error, match=message):
         head(features, mutate(labels))
+
+
+def test_the_loss_checks_labels_unless_told_not_to():
+    features, labels = make_batch(seed=10)
+    logits = LinearHead(C_IN, C).double()(features).seg
+    other_convention = torch.where(labels == IGNORE, 255 if IGNORE != 255 else -1, labels)
+    with pytest.raises(ValueError, match=rf"labels must hold classes in \[0, {C}\) or ignore_index={IGNORE}, found"):
+        PixelPrototypeCELoss(ignore_index=IGNORE)(logits, other_convention)
+    with pytest.raises(ValueError, match=r"labels must have shape \[2, H, W\]"):
+        PixelPrototypeCELoss(ignore_index=IGNORE)(logits, labels[:1])
+    # Unchecked (a head checked them): the same loss as checked on valid labels.
+    checked = PixelPrototypeCELoss(ignore_index=IGNORE)(logits, labels).loss
+    assert torch.equal(PixelPrototypeCELoss(ignore_index=IGNORE, validate_labels=False)(logits, labels).loss, checked)
 
 
 def test_bad_features_raise_a_clear_error():
