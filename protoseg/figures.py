@@ -59,6 +59,32 @@ def images_with_class(dataset: Dataset, class_index: int, count: int, scan: int 
     return [i for pixels, i in sorted(coverage, reverse=True)[:count] if pixels > 0]
 
 
+def _similarity_row(
+    model: SegmentationModel, prototypes: Tensor, class_index: int, image: Tensor, labels: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(image, index of the closest prototype of the class per class pixel (NaN elsewhere),
+    the K similarity maps [K, H, W] upsampled to the image)."""
+    per_class = prototypes.shape[1]
+    x, (h, w) = pixel_embeddings(model, image[None])
+    similarity = pk.prototype_similarity(x, prototypes, normalize=False)[:, class_index, :]
+    maps = similarity.t().reshape(per_class, 1, h, w)
+    maps = F.interpolate(maps, size=image.shape[-2:], mode="bilinear", align_corners=True)[:, 0]
+    nearest = maps.argmax(dim=0).float()
+    nearest[labels != class_index] = float("nan")
+    return image, nearest, maps
+
+
+def similarity_range(maps: list[Tensor]) -> tuple[float, float]:
+    """The colour range of the similarity maps: the 1st to 99th percentile of all their values,
+    shared by every map of the figure so the prototypes compare at a glance. (The full cosine
+    range [-1, 1] would make trained prototypes' maps, which span a few tenths, look alike.)"""
+    values = torch.cat([m.flatten() for m in maps]).float()
+    low, high = torch.quantile(values, torch.tensor([0.01, 0.99])).tolist()
+    if high - low < 1e-6:  # a constant map: any small range around it
+        low, high = low - 0.05, high + 0.05
+    return low, high
+
+
 def plot_similarity_maps(
     model: SegmentationModel, dataset: Dataset, class_index: int, class_name: str, path: str | Path,
     num_images: int = 3,
@@ -76,19 +102,14 @@ def plot_similarity_maps(
     figure = Figure(figsize=(1.9 * columns, 2.0 * len(indices) + 0.5))
     axes = figure.subplots(len(indices), columns, squeeze=False)
     prototype_colours = colormaps["tab10" if per_class <= 10 else "tab20"]
-    for row, index in enumerate(indices):
-        image, labels = dataset[index]
-        x, (h, w) = pixel_embeddings(model, image[None])
-        similarity = pk.prototype_similarity(x, prototypes, normalize=False)[:, class_index, :]
-        maps = similarity.t().reshape(per_class, 1, h, w)
-        maps = F.interpolate(maps, size=image.shape[-2:], mode="bilinear", align_corners=True)[:, 0]
+    rows = [_similarity_row(model, prototypes, class_index, *dataset[index]) for index in indices]
+    low, high = similarity_range([maps for _, _, maps in rows])
+    for row, (image, nearest, maps) in enumerate(rows):
         axes[row, 0].imshow(denormalize_image(image).permute(1, 2, 0).numpy())
-        nearest = maps.argmax(dim=0).float()
-        nearest[labels != class_index] = float("nan")
         axes[row, 1].imshow(nearest.numpy(), cmap=prototype_colours, vmin=-0.5, vmax=prototype_colours.N - 0.5,
                             interpolation="nearest")
         for k in range(per_class):
-            shown = axes[row, 2 + k].imshow(maps[k].numpy(), cmap="viridis", vmin=-1, vmax=1)
+            shown = axes[row, 2 + k].imshow(maps[k].numpy(), cmap="viridis", vmin=low, vmax=high)
             if row == 0:
                 axes[row, 2 + k].set_title(f"prototype {k}", fontsize=9, color=prototype_colours(k))
     axes[0, 0].set_title("image", fontsize=9)
@@ -96,7 +117,7 @@ def plot_similarity_maps(
     for axis in axes.flat:
         axis.set_xticks([])
         axis.set_yticks([])
-    figure.colorbar(shown, ax=axes, shrink=0.8, label="cosine similarity")
+    figure.colorbar(shown, ax=axes, shrink=0.8, label="cosine similarity (range of the maps shown)")
     figure.suptitle(f"Pixel-to-prototype similarity, class {class_name!r} ({per_class} prototypes)")
     return _save(figure, path)
 

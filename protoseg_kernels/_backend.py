@@ -170,7 +170,17 @@ def op_dtype_reason(name: str, op: str, dtype: torch.dtype) -> str | None:
     return f"the {name} backend computes {op} in {_dtype_list(dtypes)}, not {dtype}"
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """Marks ``fn`` as ``torch.compiler.assume_constant_result`` does (dynamo then treats a call
+    as a constant, so the backend choice costs a compiled graph nothing), without importing
+    ``torch._dynamo``, which that function does and which would add about 1.5 s to
+    ``import protoseg_kernels``. tests/test_backend_selection.py checks that torch still marks
+    functions this way."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def _resolve(
     op: str, requested: str, device_type: str, device_index: int, dtype_name: str, argument: str = "x",
 ) -> str:

@@ -289,3 +289,19 @@ def test_the_cuda_backend_on_a_cpu_only_torch_does_not_advise_a_toolkit(monkeypa
     assert "is a CPU-only build" in reason and "CUDA_HOME" not in reason
     monkeypatch.setattr(cuda_emulated, "_EXTENSION_PROBLEM", "missing")
     assert cuda_emulated.unavailable_reason().startswith("not built: a test-only backend")
+
+
+def test_the_backend_choice_is_a_compile_time_constant_without_importing_dynamo_early():
+    import torch._dynamo
+
+    def marked_by_torch():
+        return 0
+
+    torch._dynamo.assume_constant_result(marked_by_torch)
+    # What torch's decorator does is exactly what ours does, and _resolve carries it.
+    assert marked_by_torch.__dict__ == {"_dynamo_marked_constant": True}
+    assert _backend._resolve._dynamo_marked_constant is True
+    code = "import sys, protoseg_kernels; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}).stdout
+    assert out.strip() == "False"  # importing the library does not pay for torch._dynamo (~1.5 s)

@@ -103,6 +103,18 @@ def test_visualize_writes_the_figures(tiny_config, tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
 
 
+def test_similarity_maps_share_a_colour_range_spanning_their_values():
+    from protoseg.figures import similarity_range
+
+    maps = [torch.linspace(0.2, 0.6, 101).reshape(1, 1, 101), torch.full((1, 3, 3), 0.4)]
+    low, high = similarity_range(maps)
+    values = torch.cat([m.flatten() for m in maps])
+    assert 0.2 <= low < 0.21 and 0.59 < high <= 0.6  # the maps' own percentiles, not [-1, 1]
+    assert ((values >= low) & (values <= high)).float().mean() >= 0.95
+    low, high = similarity_range([torch.full((2, 4, 4), 0.7)])
+    assert low < 0.7 < high  # a constant map still gets a range
+
+
 def test_visualize_linear_checkpoint_draws_curves_only(tiny_config, tmp_path):
     run_dir = tmp_path / "run"
     assert train.main([str(tiny_config), f"train.output_dir={run_dir}", "optim.iters=2", "model.head=linear"]) == 0
