@@ -12,7 +12,7 @@ CUDA_ARCHS ?= 8.0;9.0
 STAMP := $(VENV)/.protoseg-installed
 BUILD_INPUTS := setup.py pyproject.toml requirements-dev.txt $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: install test kernel-report bench lint env demo fuzz clean
+.PHONY: install test kernel-report bench lint env demo demo-docs fuzz clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,10 @@ env: install
 # Passive OpenMP waiting keeps torch's threads from spinning against other load.
 demo: install
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m protoseg.demo --out runs/demo
+
+# The demo, then its results (with date, machine and commit) written into docs/training.md.
+demo-docs: install
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m protoseg.demo --out runs/demo --docs docs/training.md
 
 clean:
 	rm -rf build *.egg-info protoseg_kernels/*.so protoseg_kernels/_build_info.json
