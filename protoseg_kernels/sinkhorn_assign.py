@@ -57,6 +57,10 @@ def run_sinkhorn(
         check_index_range(OP, "labels", labels, num_classes, ignore_index, "class indices", reducer.group)
     segment = sanitize_index(labels, num_classes, ignore_index)
     logits = kernels.sinkhorn_logits(x, prototypes, segment, normalize, epsilon)
+    # An infinite logit (a ±inf similarity, or S/ε overflowing) has no meaningful assignment:
+    # it becomes NaN, so it invalidates its class exactly as a NaN similarity does (docs/spec.md
+    # §3, "Non-finite inputs"), on every backend alike. One pass over [N, K].
+    logits = logits.masked_fill_(logits.isinf(), float("nan"))
     beta = logits.new_zeros(num_classes, prototypes.shape[1])
     if iterations >= 1:
         m, s = merge_logsumexp(reducer, *kernels.sinkhorn_class_logsumexp(logits, segment, num_classes))

@@ -13,9 +13,10 @@ transposed view, a strided slice), then one of three checks:
   ``validate=False``: the result must be exactly that of the same backend on the inputs with
   those entries set to ignored (nothing read out of bounds, nothing counted);
 * ``nan``: a few NaN entries in the features (the logits of tree_min_loss): the outputs must be NaN exactly where the
-  reference's are (NaN is never hidden, never spread), and equal elsewhere.
-
-Inf inputs are not drawn (their semantics across backends is not settled yet).
+  reference's are (NaN is never hidden, never spread);
+* ``inf``: the same with +inf or −inf entries: NaN, +inf and −inf exactly where the reference
+  has them (docs/spec.md §3, "Non-finite inputs": with ``normalize=True`` an infinite entry
+  makes its row NaN; raw similarities follow IEEE arithmetic and torch.logsumexp's rule).
 
 ``python tests/fuzz.py --seconds 600`` (``make fuzz``) runs a longer campaign; the test
 suite runs tests/test_fuzz.py, a fixed seed under a time budget.
@@ -49,7 +50,7 @@ from protoseg_kernels._backend import op_dtype_reason, unavailable_reason  # noq
 FUSED = ("cpu", "triton", "cuda_emulated")
 OPS = ("prototype_similarity", "class_scores", "ppc_ppd_loss", "sinkhorn_assign", "update_prototypes",
        "pixel_contrast_loss", "tree_min_loss")
-CHECKS = ("finite", "finite", "hostile", "nan")  # finite twice as often
+CHECKS = ("finite", "finite", "hostile", "nan", "inf")  # finite twice as often
 NAN = float("nan")
 
 
@@ -247,15 +248,22 @@ def _assert_same(out, expected, c: FuzzCase) -> None:
             f"output {i} differs from the result with the hostile entries ignored"
 
 
-# ---- nan: NaN where the reference has it, equal elsewhere -------------------------------
-def _run_nan(c: FuzzCase) -> None:
+# ---- nan, inf: non-finite values exactly where the reference has them ------------------
+def _poison_value(c: FuzzCase, g: torch.Generator) -> float:
+    if c.check == "nan":
+        return NAN
+    return float("inf") if torch.rand((), generator=g) < 0.5 else float("-inf")
+
+
+def _run_nonfinite(c: FuzzCase) -> None:
     g = torch.Generator().manual_seed(c.seed)
+    poison = _poison_value(c, g)
     if c.op == "pixel_contrast_loss":
         case, kw = _contrast_case(c), _contrast_kwargs(c)
         anchors = case.anchors.clone()
         a, d = anchors.shape
         if a:
-            anchors[torch.randint(0, a, (1,), generator=g), torch.randint(0, d, (1,), generator=g)] = NAN
+            anchors[torch.randint(0, a, (1,), generator=g), torch.randint(0, d, (1,), generator=g)] = poison
 
         def run(name, dtype):
             contrast = None if case.contrast is None else case.contrast.to(dtype)
@@ -266,7 +274,7 @@ def _run_nan(c: FuzzCase) -> None:
         logits, labels = _tree_logits(c).clone(), make_case(*c.shape, seed=c.seed).labels
         if logits.shape[0]:
             rows = torch.randint(0, logits.shape[0], (2,), generator=g)
-            logits[rows, torch.randint(0, logits.shape[1], (2,), generator=g)] = NAN
+            logits[rows, torch.randint(0, logits.shape[1], (2,), generator=g)] = poison
 
         def run(name, dtype):
             with pk.use_backend(name):
@@ -276,7 +284,7 @@ def _run_nan(c: FuzzCase) -> None:
         n, d = c.shape[:2]
         if n:
             rows = torch.randint(0, n, (2,), generator=g)
-            case.x[rows, torch.randint(0, d, (2,), generator=g)] = NAN
+            case.x[rows, torch.randint(0, d, (2,), generator=g)] = poison
 
         def run(name, dtype):
             inputs = SimpleNamespace(x=case.x.to(dtype), prototypes=case.prototypes.to(dtype))
@@ -287,11 +295,12 @@ def _run_nan(c: FuzzCase) -> None:
     for i, (a, b) in enumerate(zip(out, ref)):
         if not a.is_floating_point():
             continue  # indices: covered by the finite checks and tests/test_nan_propagation.py
-        assert torch.equal(a.isnan(), b.isnan()), \
-            f"output {i}: NaN at {int((a.isnan() != b.isnan()).sum())} places where the reference differs"
+        for kind, where in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
+            assert torch.equal(where(a), where(b.to(a.dtype))), \
+                f"output {i}: {kind} at {int((where(a) != where(b.to(a.dtype))).sum())} places where the reference differs"
 
 
-RUNNERS = {"finite": _run_finite, "hostile": _run_hostile, "nan": _run_nan}
+RUNNERS = {"finite": _run_finite, "hostile": _run_hostile, "nan": _run_nonfinite, "inf": _run_nonfinite}
 
 
 @dataclass

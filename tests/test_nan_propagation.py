@@ -125,3 +125,62 @@ def test_an_ignored_nan_pixel_reaches_no_prototype(backend):
     x[4, 1] = NAN
     out = pk.update_prototypes(case.prototypes, x, labels, case.index, momentum=0.5)
     assert torch.isfinite(out.prototypes).all()
+
+
+# ---- ±inf (docs/spec.md §3, "Non-finite inputs") ---------------------------------------------
+def case_with_infinities():
+    """Infinite features: pixel 3 has +inf at feature 0 and −inf at feature 5 (raw similarities
+    ±inf or inf − inf = NaN), pixel 7 is +inf at feature 0 and 0 elsewhere (raw similarities
+    +inf for the prototypes with a positive entry 0, at least two of them, and −inf for the
+    others), pixel 9 is −inf at feature 4; every other pixel is finite."""
+    case = make_case(40, 8, 3, 4, seed=6, dtype=torch.float32, ignore_fraction=0.0)
+    x = case.x.clone()
+    x[3, 0], x[3, 5] = float("inf"), float("-inf")
+    x[7] = 0.0
+    x[7, 0] = float("inf")
+    x[9, 4] = float("-inf")
+    case.prototypes[0, 1, 0], case.prototypes[2, 3, 0] = 0.5, 0.25  # two +inf similarities of pixel 7
+    return case, x
+
+
+def assert_same_nonfinite(out: torch.Tensor, ref: torch.Tensor, what: str) -> None:
+    ref = ref.to(out.dtype)
+    for kind, where in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
+        assert torch.equal(where(out), where(ref)), f"{what}: {kind} where the reference has none, or missing"
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(out[finite], ref[finite], rtol=1e-4, atol=1e-4, msg=what)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("reduction", ["max", "logsumexp"])
+def test_infinite_features_give_the_references_infinities_and_nans(backend, normalize, reduction):
+    case, x = case_with_infinities()
+    out = pk.class_scores(x, case.prototypes, normalize=normalize, reduction=reduction, lse_temperature=0.1)
+    loss = pk.ppc_ppd_loss(x, case.prototypes, case.target, normalize=normalize, temperature=0.1,
+                           reduction="none")
+    with pk.use_backend("reference"):
+        ref = pk.class_scores(x.double(), case.prototypes.double(), normalize=normalize, reduction=reduction,
+                              lse_temperature=0.1)
+        ref_loss = pk.ppc_ppd_loss(x.double(), case.prototypes.double(), case.target, normalize=normalize,
+                                   temperature=0.1, reduction="none")
+    if normalize:  # an infinite entry makes the normalised row NaN
+        assert torch.isnan(out.scores[[3, 7, 9]]).all() and torch.isnan(out.lse[[3, 7, 9]]).all()
+    else:  # the rule of an infinite maximum: two +inf similarities give a +inf lse, not NaN
+        assert torch.isposinf(out.lse[7]) and torch.isposinf(ref.lse[7])
+    assert_same_nonfinite(out.scores, ref.scores, "scores")
+    assert_same_nonfinite(out.lse, ref.lse, "lse")
+    for name, a, b in zip(("ppc", "ppd"), loss, ref_loss):
+        assert_same_nonfinite(a, b, name)
+    assert torch.isfinite(out.scores[[i for i in range(40) if i not in (3, 7, 9)]]).all()
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_infinite_contrast_anchors_give_the_references_infinities_and_nans(backend, normalize):
+    g = torch.Generator().manual_seed(3)
+    anchors = torch.nn.functional.normalize(torch.randn(12, 6, generator=g), dim=1)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2] * 2)
+    anchors[1, 0], anchors[6, 3] = float("inf"), float("-inf")
+    out = pk.pixel_contrast_loss(anchors, labels, normalize=normalize, reduction="none")
+    with pk.use_backend("reference"):
+        ref = pk.pixel_contrast_loss(anchors.double(), labels, normalize=normalize, reduction="none")
+    assert_same_nonfinite(out, ref, "pixel contrast")

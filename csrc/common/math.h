@@ -53,6 +53,14 @@ PROTOSEG_INLINE bool norm_is_clamped(acc_t sum_sq) {
   return sqrt(sum_sq) <= acc_t(kNormEps);
 }
 
+// The shift of a two-pass log-sum-exp, log Σ exp(v) = m + log Σ exp(v − shift) with m the
+// max: the max itself, or 0 when it is ±inf (torch.logsumexp's rule), since v − m would be
+// inf − inf = NaN there; with 0 the sum is inf (lse = +inf) or 0 (all −inf: lse = −inf).
+template <typename acc_t>
+PROTOSEG_INLINE acc_t lse_shift(acc_t max) {
+  return (max == -neg_infinity<acc_t>() || max == neg_infinity<acc_t>()) ? acc_t(0) : max;
+}
+
 // Running log-sum-exp over a stream of values: (max, Σ exp(v − max)).
 // merge() combines two partial states, so a reduction can be split into blocks
 // and combined in a fixed order (deterministic).
@@ -61,12 +69,15 @@ struct OnlineLogSumExp {
   acc_t max = neg_infinity<acc_t>();
   acc_t sum = acc_t(0);
 
+  // A value equal to the max adds exactly 1 (exp(0)): for an infinite max, exp(v − max)
+  // would be exp(inf − inf) = NaN, so two +inf values give lse = +inf and values that are
+  // all −inf give −inf, as torch.logsumexp does (docs/spec.md §3, "Non-finite inputs").
   PROTOSEG_INLINE void add(acc_t v) {
     if (v > max) {
       sum = sum * exp(max - v) + acc_t(1);
       max = v;
     } else {
-      sum += exp(v - max);
+      sum += v == max ? acc_t(1) : exp(v - max);
     }
   }
 
@@ -82,7 +93,7 @@ struct OnlineLogSumExp {
       sum = sum * exp(max - other.max) + other.sum;
       max = other.max;
     } else {
-      sum += other.sum * exp(other.max - max);
+      sum += other.max == max ? other.sum : other.sum * exp(other.max - max);  // (inf, inf): see add
     }
   }
 

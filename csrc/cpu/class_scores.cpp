@@ -54,7 +54,7 @@ struct ClassStats {
     std::fill(sum.begin(), sum.end(), acc_t(0));
     for (int64_t k = 0; k < per_class; ++k) {
       const acc_t* v = s + k * classes;
-      for (int64_t c = 0; c < classes; ++c) sum[c] += vexp((v[c] - best[c]) * inv_temperature);
+      for (int64_t c = 0; c < classes; ++c) sum[c] += vexp((v[c] - lse_shift(best[c])) * inv_temperature);
     }
   }
 };
@@ -100,7 +100,7 @@ struct ClassScoresEpilogue {
       for (int64_t c = 0; c < classes; ++c) row_index[c] = stats.arg[c];
       if (lse != nullptr) {
         const acc_t top = lane_max(stats.best.data(), classes);  // the max over all C·K
-        lse[pixel] = top * inv_lse_tau + std::log(sum_exp(s, m, top, inv_lse_tau));
+        lse[pixel] = top * inv_lse_tau + std::log(sum_exp(s, m, lse_shift(top), inv_lse_tau));
       }
     }
   }

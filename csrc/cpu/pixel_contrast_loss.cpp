@@ -109,10 +109,12 @@ struct ShiftedSum {
     const acc_t block_max = masked_max(s, n, keep);
     if (block_max == -std::numeric_limits<acc_t>::infinity()) return;  // nothing kept here
     const acc_t shift = nan_max(max, block_max);
+    const acc_t base = lse_shift(shift);  // 0 for an infinite max (math.h)
     const acc_t block_sum = lane_sum<acc_t>(n, [&](int64_t j) {
-      return keep(j) ? vexp((s[j] - shift) * inv_tau) : acc_t(0);
+      return keep(j) ? vexp((s[j] - base) * inv_tau) : acc_t(0);
     });
-    sum = sum * vexp((max - shift) * inv_tau) + block_sum;
+    // The sum so far is relative to lse_shift(max); none yet (0) needs no rescaling.
+    sum = (sum == acc_t(0) ? sum : sum * vexp((lse_shift(max) - base) * inv_tau)) + block_sum;
     max = shift;
   }
 

@@ -38,7 +38,7 @@ struct PpcPpdEpilogue : StatelessClient {
       const acc_t* s = tile.row(i);
       const int64_t pixel = tile.row_begin + i;
       const acc_t top = lane_max(s, m);
-      const acc_t log_sum = std::log(sum_exp(s, m, top, inv_tau));
+      const acc_t log_sum = std::log(sum_exp(s, m, lse_shift(top), inv_tau));
       lse[pixel] = top * inv_tau + log_sum;
       const int64_t column = target_column(*cols, target[pixel]);
       if (column < 0) {

@@ -67,7 +67,10 @@ def pixel_contrast_forward(
     log_norm = _masked_logsumexp(logits, negative)  # log N_i
     # log(e^{ℓ_ip} + N_i) for every entry; only the positives' are used.
     log_denominator = torch.logaddexp(logits, log_norm.unsqueeze(1))
-    terms = torch.where(positive, log_denominator - logits, 0)
+    # log(e^ℓ + N) − ℓ written as softplus(log N − ℓ) = log(1 + e^{log N − ℓ}), the form the
+    # fused kernels use: equal for finite ℓ, and its limit 0 (not inf − inf = NaN) for ℓ = +inf.
+    softplus = torch.logaddexp(torch.zeros_like(logits), log_norm.unsqueeze(1) - logits)
+    terms = torch.where(positive, softplus, 0)
     loss = scale * terms.sum(1) / positives.clamp_min(1)
     log_b = _masked_logsumexp(-log_denominator, positive)  # log Σ_p 1/(e^{ℓ_ip} + N_i)
     return loss, positives, log_norm, log_b

@@ -163,17 +163,19 @@ def similarity_tile(x, rows, row_ok, inv_x, cols, tile, inv_p, BN: tl.constexpr,
 
 @triton.jit
 def logsumexp_merge(m_a, sum_a, m_b, sum_b):
-    """Merge two (max, Σ exp(· − max)) pairs; an empty pair is (-inf, 0)."""
+    """Merge two (max, Σ exp(· − max)) pairs; an empty pair is (-inf, 0). An infinite max
+    shifts by 0 (torch.logsumexp's rule: inf − inf would be NaN), so +inf values give +inf."""
     m = tl.maximum(m_a, m_b)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    m_safe = tl.where((m == float("-inf")) | (m == float("inf")), 0.0, m)
     return m, sum_a * tl.exp(m_a - m_safe) + sum_b * tl.exp(m_b - m_safe)
 
 
 @triton.jit
 def logsumexp_rows(z, axis: tl.constexpr):
-    """(max, Σ exp(z − max)) along ``axis``; (-inf, 0) for an all -inf line."""
+    """(max, Σ exp(z − max)) along ``axis``; (-inf, 0) for an all -inf line; an infinite max
+    shifts by 0, as in :func:`logsumexp_merge`."""
     m = tl.max(z, axis=axis)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    m_safe = tl.where((m == float("-inf")) | (m == float("inf")), 0.0, m)
     return m, tl.sum(tl.exp(z - tl.expand_dims(m_safe, axis)), axis=axis)
 
 
