@@ -26,7 +26,7 @@ from ._backend import (
     requested_backend,
     unavailable_reason,
 )
-from ._compiled import build_info
+from ._compiled import build_info, build_mismatch
 from ._op_table import DTYPE_NAMES, OPS
 
 
@@ -55,6 +55,7 @@ def collect() -> dict[str, Any]:
         "backends": {name: backend_status(name) for name in BACKEND_NAMES},
         "ops": op_table(),
         "extension_build": build_info() or "not built",
+        "extension_matches_torch": build_mismatch() or ("yes" if build_info() else "not built"),
     }
 
 

@@ -305,3 +305,36 @@ def test_the_backend_choice_is_a_compile_time_constant_without_importing_dynamo_
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}).stdout
     assert out.strip() == "False"  # importing the library does not pay for torch._dynamo (~1.5 s)
+
+
+def test_an_extension_built_for_another_torch_is_refused_naming_both_versions():
+    from protoseg_kernels._compiled import build_mismatch, running_torch
+
+    running = running_torch()
+    assert build_mismatch(dict(running, compiler="any")) is None
+    assert build_mismatch({}) is None  # nothing recorded: nothing to compare
+    message = build_mismatch(dict(running, torch="2.4.0", cxx11_abi=not running["cxx11_abi"]))
+    assert f"torch '2.4.0' (built) vs {running['torch']!r} (running)" in message
+    assert "cxx11_abi" in message and "pip install --no-build-isolation" in message
+    # In a fresh process the stale build is not even imported: the compiled backends report it
+    # and `auto` under PROTOSEG_FALLBACK=error raises it.
+    code = (
+        "import sys, torch, protoseg_kernels as pk\n"
+        "import protoseg_kernels._compiled as compiled\n"
+        "recorded = dict(compiled.build_info(), torch='1.13.0')\n"
+        "compiled.build_info = lambda: recorded\n"
+        "from protoseg_kernels._backend import unavailable_reason\n"
+        "print(unavailable_reason('cpu'))\n"
+        "print('protoseg_kernels._C' in sys.modules)\n"
+        "try:\n"
+        "    pk.class_scores(torch.randn(5, 3), torch.randn(2, 2, 3))\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, exc)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PROTOSEG_BACKEND"}
+    env.update(PROTOSEG_FALLBACK="error", PYTHONPATH=os.pathsep.join(sys.path))
+    lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                           check=True).stdout.splitlines()
+    assert f"torch '1.13.0' (built) vs {torch.__version__!r} (running)" in lines[0]
+    assert lines[1] == "False"
+    assert "1.13.0" in lines[2] and torch.__version__ in lines[2]

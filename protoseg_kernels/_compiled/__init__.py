@@ -41,9 +41,36 @@ BUILD_INFO = Path(__file__).resolve().parent.parent / "_build_info.json"
 NAMESPACE = "protoseg_kernels"  # the real extension's kernel schemas (the emulation's: cuda_emulated.py)
 
 
+def running_torch() -> dict[str, Any]:
+    """What an extension must have been built against to load into this process."""
+    return {"torch": torch.__version__, "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI),
+            "torch_cuda": torch.version.cuda}
+
+
+def build_mismatch(info: dict[str, Any] | None = None) -> str | None:
+    """How the recorded build (``_build_info.json``) differs from the running torch, naming
+    both sides; None when they match or nothing was recorded. An extension built against
+    another torch either fails to import with an undefined symbol or, worse, imports and
+    crashes on its first call, so it is refused before it is imported."""
+    info = build_info() if info is None else info
+    if not info:
+        return None
+    running = running_torch()
+    differences = [f"{key} {info.get(key)!r} (built) vs {value!r} (running)"
+                   for key, value in running.items() if key in info and info[key] != value]
+    if not differences:
+        return None
+    return ("the compiled extension was built against another torch: " + "; ".join(differences)
+            + f"; {rebuild_hint()}")
+
+
 @cache
 def load_extension(module_name: str) -> tuple[ModuleType | None, str | None]:
-    """Import ``protoseg_kernels.<module_name>``; (module, None) or (None, reason)."""
+    """Import ``protoseg_kernels.<module_name>``; (module, None) or (None, reason). A build
+    for another torch (version, C++ ABI, CUDA) is refused without importing it."""
+    mismatch = build_mismatch()
+    if mismatch is not None:
+        return None, f"protoseg_kernels.{module_name}: {mismatch}"
     try:
         return importlib.import_module(f"protoseg_kernels.{module_name}"), None
     except ImportError as exc:
