@@ -18,6 +18,10 @@ transposed view, a strided slice), then one of three checks:
   has them (docs/spec.md §3, "Non-finite inputs": with ``normalize=True`` an infinite entry
   makes its row NaN; raw similarities follow IEEE arithmetic and torch.logsumexp's rule).
 
+One case in ten is a hostile check of an op with a single device-side implementation
+(tree_triplet_loss, sample_anchors): out-of-range labels with ``validate=False`` must give
+exactly the result of the same labels ignored.
+
 ``python tests/fuzz.py --seconds 600`` (``make fuzz``) runs a longer campaign; the test
 suite runs tests/test_fuzz.py, a fixed seed under a time budget.
 """
@@ -50,6 +54,8 @@ from protoseg_kernels._backend import op_dtype_reason, unavailable_reason  # noq
 FUSED = ("cpu", "triton", "cuda_emulated")
 OPS = ("prototype_similarity", "class_scores", "ppc_ppd_loss", "sinkhorn_assign", "update_prototypes",
        "pixel_contrast_loss", "tree_min_loss")
+# Ops with one device-side PyTorch implementation: drawn for the hostile check only.
+SINGLE_IMPLEMENTATION = ("tree_triplet_loss", "sample_anchors")
 CHECKS = ("finite", "finite", "hostile", "nan", "inf")  # finite twice as often
 NAN = float("nan")
 
@@ -82,6 +88,8 @@ def usable_backends(requested: tuple[str, ...] = FUSED) -> list[str]:
 
 
 def draw_case(rng: random.Random, backends: list[str], seed: int) -> FuzzCase | None:
+    if rng.random() < 0.1:
+        return _draw_single_implementation_case(rng, seed)
     op, backend, check = rng.choice(OPS), rng.choice(backends), rng.choice(CHECKS)
     if check == "hostile" and op in ("prototype_similarity", "class_scores"):
         check = "finite"  # no index argument
@@ -118,6 +126,45 @@ def draw_case(rng: random.Random, backends: list[str], seed: int) -> FuzzCase | 
         options.update(focal_gamma=rng.choice([None, 0.5, 2.0]), image=rng.random() < 0.5)
     layout = rng.choice(["contiguous", "transposed", "strided"])
     return FuzzCase(op, backend, dtype, check, shape, layout, options, seed)
+
+
+def _draw_single_implementation_case(rng: random.Random, seed: int) -> FuzzCase:
+    """A hostile-index case of an op with one device-side PyTorch implementation (nothing to
+    compare across backends, but validate=False must still ignore out-of-range labels)."""
+    op = rng.choice(SINGLE_IMPLEMENTATION)
+    shape = (rng.choice([0, rng.randint(1, 300)]), rng.randint(1, 16), rng.randint(1, 6), 0)
+    options = {"selection": rng.choice(["first", "random"])} if op == "tree_triplet_loss" else {
+        "max_views": rng.randint(1, 8)}
+    return FuzzCase(op, "reference", rng.choice([torch.float32, torch.float64]), "hostile", shape,
+                    rng.choice(["contiguous", "transposed", "strided"]), options, seed)
+
+
+def _single_implementation_hostile(c: FuzzCase, g: torch.Generator) -> None:
+    n, d, classes, _ = c.shape
+    labels = torch.randint(-1, classes, (n,), generator=g)
+    pick = torch.rand(n, generator=g) < 0.3
+    far = torch.randint(-(2**40), 2**40, (n,), generator=g)
+    if c.op == "sample_anchors":  # labels have no upper bound there: negative ones are hostile
+        hostile = torch.where(pick, -far.abs() - 2, labels)
+        clean = torch.where(pick, -1, labels)
+        predictions = torch.randint(0, classes, (n,), generator=g)
+
+        def run(lab):
+            b = 2 if n % 2 == 0 else 1
+            return tuple(pk.sample_anchors(lab.view(b, -1), predictions.view(b, -1), max_samples=64,
+                                           generator=torch.Generator().manual_seed(c.seed),
+                                           validate=lab is clean, **c.options))
+    else:
+        hostile = torch.where(pick, far, labels)
+        clean = torch.where((hostile >= 0) & (hostile < classes), hostile, -1)
+        hierarchy = conformance.hierarchy_for(classes)
+        embedding = _with_layout(torch.randn(n, d, generator=g, dtype=c.dtype), c.layout)
+        embedding = torch.nn.functional.normalize(embedding, dim=1)
+
+        def run(lab):
+            return (pk.tree_triplet_loss(embedding, lab, hierarchy, max_triplet=8, validate=lab is clean,
+                                         generator=torch.Generator().manual_seed(c.seed), **c.options),)
+    _assert_same(run(hostile), run(clean), c)
 
 
 def _with_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -207,6 +254,9 @@ def _call(op: str, c: FuzzCase, case, labels, target, index, validate: bool):
 
 def _run_hostile(c: FuzzCase) -> None:
     g = torch.Generator().manual_seed(c.seed)
+    if c.op in SINGLE_IMPLEMENTATION:
+        _single_implementation_hostile(c, g)
+        return
     if c.op == "pixel_contrast_loss":
         case, kw = _contrast_case(c), _contrast_kwargs(c)
         hostile = case.anchor_labels.clone()
