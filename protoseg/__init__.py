@@ -12,10 +12,12 @@ import importlib
 from typing import Any
 
 _EXPORTS = {  # public name -> the module defining it
-    "ContrastHead": "contrast_head", "FeatureMapBackbone": "backbones", "HeadOutput": "head",
-    "HSSNHead": "hssn_head", "LinearHead": "linear_head", "LossTerms": "loss", "PixelPrototypeCELoss": "loss",
-    "ProtoSegHead": "head", "SegmentationModel": "model", "SmallCNN": "backbones", "build_model": "model",
-    "downsample_labels": "labels", "torchvision_resnet": "backbones",
+    "CheckpointError": "checkpoint", "ContrastHead": "contrast_head", "FeatureMapBackbone": "backbones",
+    "HeadOutput": "head", "HSSNHead": "hssn_head", "LinearHead": "linear_head", "LossTerms": "loss",
+    "PixelPrototypeCELoss": "loss", "ProtoSegHead": "head", "SegmentationModel": "model", "SmallCNN": "backbones",
+    "build_model": "model", "downsample_labels": "labels", "model_from_checkpoint": "checkpoint",
+    "predict_classes": "evaluation", "predict_logits": "evaluation", "torchvision_resnet": "backbones",
+    "upsample_logits": "loss",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -94,51 +94,62 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def _refuse(path: Path, problem: str) -> CheckpointError:
-    return CheckpointError(
-        f"checkpoint {path} {problem}; it cannot be used: point train.resume at another checkpoint, "
-        "or move it away to start afresh"
-    )
+RESUME_ADVICE = "point train.resume at another checkpoint, or move it away to start afresh"
+INFERENCE_ADVICE = "load another checkpoint (a run's last.pt), or train the model again"
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The state saved by :func:`save_checkpoint`; :class:`CheckpointError` (naming the file)
-    for an empty, truncated, foreign, incomplete or corrupt one."""
+def _refuse(path: Path, problem: str, advice: str = RESUME_ADVICE) -> CheckpointError:
+    return CheckpointError(f"checkpoint {path} {problem}; it cannot be used: {advice}")
+
+
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu", *, advice: str = RESUME_ADVICE
+) -> dict[str, Any]:
+    """The state saved by :func:`save_checkpoint`; :class:`CheckpointError` (naming the file,
+    then ``advice``) for an empty, truncated, foreign, incomplete or corrupt one."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
-        raise _refuse(path, "is empty")
+        raise _refuse(path, "is empty", advice)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises zip, pickle and EOF errors of many kinds
         first_line = (str(exc).strip().splitlines() or [""])[0][:200]
         raise _refuse(path, f"cannot be read (truncated or not a checkpoint: {type(exc).__name__}: "
-                            f"{first_line})") from exc
+                            f"{first_line})", advice) from exc
     if not isinstance(state, dict) or "format_version" not in state:
-        raise _refuse(path, "is not a protoseg training checkpoint")
+        raise _refuse(path, "is not a protoseg training checkpoint", advice)
     version = state["format_version"]
     if version != FORMAT_VERSION and version not in UNCHECKED_FORMATS:
-        raise _refuse(path, f"has format {version!r}, this protoseg reads {FORMAT_VERSION}")
+        raise _refuse(path, f"has format {version!r}, this protoseg reads {FORMAT_VERSION}", advice)
     missing = [key for key in REQUIRED_KEYS if key not in state]
     if missing:
-        raise _refuse(path, f"lacks {', '.join(missing)}")
+        raise _refuse(path, f"lacks {', '.join(missing)}", advice)
     if version == FORMAT_VERSION and state.get("checksum") != checksum(state):
-        raise _refuse(path, "is corrupt (its content does not match its checksum)")
+        raise _refuse(path, "is corrupt (its content does not match its checksum)", advice)
     return state
 
 
 def model_from_checkpoint(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[SegmentationModel, Config, tuple[str, ...], dict[str, Any]]:
-    """(model in eval mode, its config, class names, the raw checkpoint)."""
-    state = load_checkpoint(path)
+    """(model in eval mode on ``device``, its config, class names, the raw checkpoint) of a
+    checkpoint the trainer wrote (``protoseg-train``: ``<train.output_dir>/last.pt``), for
+    inference. An empty, truncated, foreign, incomplete or corrupt file (checksum), or one whose
+    config or weights this protoseg does not accept, raises :class:`CheckpointError` naming it."""
+    path = Path(path)
+    state = load_checkpoint(path, advice=INFERENCE_ADVICE)
     try:
         config = build_config(state["config"], source=str(path))
     except ConfigError as exc:
-        raise _refuse(Path(path), f"holds a config this protoseg does not accept ({exc})") from exc
+        raise _refuse(path, f"holds a config this protoseg does not accept ({exc})", INFERENCE_ADVICE) from exc
     class_names = tuple(state["class_names"])
     model = build_model(config.model, len(class_names), IGNORE_INDEX,
                         hierarchy=model_hierarchy(config, class_names))
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError, TypeError) as exc:
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise _refuse(path, f"holds weights that do not fit its model ({first_line})", INFERENCE_ADVICE) from exc
     return model.to(device).eval(), config, class_names, state

@@ -1,4 +1,5 @@
-"""Evaluation: confusion matrix, per-class IoU, mIoU, and the result table."""
+"""Evaluation: predictions at the input resolution (:func:`predict_logits`,
+:func:`predict_classes`), confusion matrix, per-class IoU, mIoU, and the result table."""
 
 from __future__ import annotations
 
@@ -10,7 +11,112 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+import protoseg_kernels as pk
+
+from .head import HeadOutput
 from .loss import upsample_logits
+
+Source = nn.Module | HeadOutput | Tensor  # what the prediction helpers take: a model, or what it returned
+
+
+def _size_of(target: Tensor | Sequence[int]) -> tuple[int, int]:
+    """(H, W) of a size or of a tensor whose last two dims are H × W (images, labels)."""
+    if isinstance(target, Tensor):
+        if target.dim() < 2:
+            raise ValueError(f"a tensor giving the output size needs at least 2 dims (…, H, W), got "
+                             f"shape {tuple(target.shape)}")
+        return int(target.shape[-2]), int(target.shape[-1])
+    if isinstance(target, HeadOutput) or not isinstance(target, Sequence) or len(target) != 2:
+        raise TypeError(f"the output size must be (H, W) or a tensor [..., H, W], got {type(target).__name__}")
+    return int(target[0]), int(target[1])
+
+
+def _run(model: nn.Module, images: object) -> object:
+    """``model(images)`` in eval mode without autograd; restores the training mode."""
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        got = f"shape {tuple(images.shape)}" if isinstance(images, Tensor) else type(images).__name__
+        raise TypeError(f"a model is predicted on images [b, C, H, W], got {got} (to upsample what a model "
+                        "returned, pass that output and the size: predict_logits(output, (H, W)))")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(images)
+    finally:
+        model.train(was_training)
+
+
+def _output_of(source: Source, target: Tensor | Sequence[int]) -> tuple[HeadOutput | Tensor, tuple[int, int]]:
+    """(a head's output or logits, the size to predict at) for a model and images, or an output
+    and a size."""
+    if isinstance(source, nn.Module):
+        output, size = _run(source, target), _size_of(target)
+    else:
+        output, size = source, _size_of(target)
+    if isinstance(output, HeadOutput) or (isinstance(output, Tensor) and output.dim() == 4):
+        return output, size
+    if isinstance(output, Tensor):
+        got = f"shape {tuple(output.shape)}"
+    elif isinstance(output, Mapping):
+        got = f"{type(output).__name__} with keys {list(output)}"
+    else:
+        got = type(output).__name__
+    raise TypeError(f"expected a head's HeadOutput or logits [b, C, h, w], got {got} (a torchvision "
+                    "segmentation model returns a dict: put its backbone and the head in a SegmentationModel, "
+                    "see docs/integration.md)")
+
+
+def _hssn_head(output: HeadOutput | Tensor, head: nn.Module | None) -> nn.Module | None:
+    """The HSSN head an output with node logits needs (for its hierarchy and rule), else None."""
+    if not isinstance(output, HeadOutput) or output.nodes is None:
+        return None
+    if head is None or not hasattr(head, "hierarchy"):
+        raise ValueError("an HSSN head's output (node logits) is predicted with its hierarchy: pass the head, "
+                         "head=model.head")
+    return head
+
+
+def _default_head(source: Source, head: nn.Module | None) -> nn.Module | None:
+    return head if head is not None else getattr(source, "head", None)
+
+
+def predict_logits(source: Source, target: Tensor | Sequence[int], *, head: nn.Module | None = None) -> Tensor:
+    """Class scores [b, C, H, W] at the input resolution, for every head.
+
+    ``source``: a model (a :class:`~protoseg.SegmentationModel`, or any module returning a
+    :class:`~protoseg.HeadOutput` or logits [b, C, h, w]) run on ``target`` = images
+    [b, C_in, H, W] in eval mode without autograd (its training mode is restored); or what a
+    model returned (a ``HeadOutput`` or logits) with ``target`` the size (H, W) or a tensor of
+    that size (the images [b, C_in, H, W] or labels [b, H, W]).
+
+    The logits (``seg``) are upsampled bilinearly with ``align_corners=True``, as the losses and
+    the evaluation do, in fp32 at least. An HSSN output (node logits) gives the leaf scores of
+    the head's rule on the upsampled node logits (``pk.hierarchy_scores``), whose argmax is
+    ``HSSNHead.predict``; it needs the head: ``head`` (default: ``source.head``).
+    """
+    output, size = _output_of(source, target)
+    hssn = _hssn_head(output, _default_head(source, head))
+    if hssn is not None:
+        return pk.hierarchy_scores(upsample_logits(output.nodes.float(), size), hssn.hierarchy, rule=hssn.rule)
+    logits = output if isinstance(output, Tensor) else output.seg
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    return upsample_logits(logits, size)
+
+
+def predict_classes(source: Source, target: Tensor | Sequence[int], *, head: nn.Module | None = None) -> Tensor:
+    """Class ids [b, H, W] (int64) at the input resolution: the argmax of :func:`predict_logits`
+    (same arguments), or the head's own ``predict(output, size)`` where it has one (the HSSN
+    head), as :func:`evaluate` predicts."""
+    output, size = _output_of(source, target)
+    return _classes(output, size, _default_head(source, head))
+
+
+def _classes(output: HeadOutput | Tensor, size: tuple[int, int], head: nn.Module | None) -> Tensor:
+    predict = getattr(head, "predict", None)
+    if callable(predict) and isinstance(output, HeadOutput):
+        return predict(output, size)
+    return predict_logits(output, size, head=head).argmax(dim=1)
 
 
 class ConfusionMatrix:
@@ -101,7 +207,7 @@ def evaluate(
     align_corners=True, then argmax; or the head's own ``predict(output, size)`` where it
     has one, as the HSSN head) and accumulate the confusion matrix. ``amp_dtype``: run
     the model under autocast to that dtype. Restores the model's training mode."""
-    predict = getattr(getattr(model, "head", None), "predict", None)
+    head = getattr(model, "head", None)
     was_training = model.training
     model.eval()
     matrix = ConfusionMatrix(num_classes, ignore_index, device)
@@ -110,11 +216,7 @@ def evaluate(
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 output = model(images)
-            if predict is not None:
-                prediction = predict(output, labels.shape[-2:])
-            else:
-                prediction = upsample_logits(output.seg.float(), labels.shape[-2:]).argmax(dim=1)
-            matrix.update(prediction, labels)
+            matrix.update(_classes(output, _size_of(labels), head), labels)
     finally:
         model.train(was_training)
     return matrix

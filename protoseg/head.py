@@ -70,6 +70,13 @@ class HeadOutput(NamedTuple):
     level_ce: Tensor | None = None
     triplet: Tensor | None = None
 
+    def __getattr__(self, name: str):  # only reached for names the tuple does not have
+        raise AttributeError(
+            f"'HeadOutput' is not a tensor (no attribute {name!r}): its logits are .seg, at feature "
+            "resolution; protoseg.predict_logits(output, size) upsamples them. A torchvision segmentation "
+            "model cannot take a protoseg head as its classifier: see docs/integration.md"
+        )
+
 
 def build_projection(kind: str, in_channels: int, embed_dim: int) -> nn.Module:
     """The original "convmlp" projection (1×1 conv, BN, ReLU, 1×1 conv), one 1×1
