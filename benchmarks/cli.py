@@ -2,6 +2,7 @@
 
 Examples::
 
+    python -m benchmarks --suite smoke        # a first look: every row at tiny sizes, about 40 s
     python -m benchmarks                      # default suite on the GPU if any, else CPU
     python -m benchmarks --suite full --device cuda --dtype bfloat16
     python -m benchmarks --suite memory       # head step at the per-GPU N (memory ratios)
@@ -14,7 +15,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import subprocess
 import time
@@ -24,16 +24,25 @@ from typing import Any
 
 import torch
 
-from . import hssn_cases, implementations, jobs, measure, plots, report
+from . import hssn_cases, implementations, jobs, load, measure, plots, report
 from .suite import SUITES, SWEEP_PRESET, build_suite
 from .worker import CONTRAST, DTYPES, HIERARCHY, STEP, Job
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+SUITE_HELP = """suites:
+  smoke    every row at tiny sizes, one process, no alternation: a first look (about 40 s on 2 cores)
+  default  the spec's presets, an N sweep, per-op, contrast and HSSN rows (12-17 min on 2 cores)
+  full     also per-op rows at every preset, a longer sweep, more runs
+  memory   the head step at the per-GPU N, for the memory ratios
+
+Every suite but smoke times the implementations of each problem in alternation, each in
+its own process, and records the machine's load (docs/benchmarks.md)."""
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
-    parser.add_argument("--suite", choices=SUITES, default="default")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0],
+                                     epilog=SUITE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=SUITES, default="default", help="which sizes and rows (below)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     parser.add_argument("--out", type=Path, default=None,
@@ -77,8 +86,7 @@ def _git_revision() -> dict[str, Any]:
 
 
 def _machine(device: torch.device) -> dict[str, Any]:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    machine = {"cpu": _cpu_model(), "cores": cores, "memory_bytes": measure.physical_memory_bytes(),
+    machine = {"cpu": _cpu_model(), "cores": load.machine_cores(), "memory_bytes": measure.physical_memory_bytes(),
                "torch_threads": torch.get_num_threads()}
     if device.type == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(device)
@@ -92,15 +100,39 @@ def _device_tag(device: torch.device) -> str:
     return "cuda-" + "".join(ch if ch.isalnum() else "-" for ch in name).strip("-")
 
 
+PROGRESS_HEADER = f"{'job':>9}  {'group':<13} {'problem':<24} {'implementation':<18} {'s/job':>6}  result"
+
+
+def _result_text(rows: list[dict[str, Any]]) -> str:
+    failed = next((r["status"] for r in rows if r.get("status") != "ok"), None)
+    if failed:
+        return failed
+    if len(rows) == 1:
+        return f"median {rows[0]['median_ms']:.1f} ms"
+    return f"{len(rows)} rows"
+
+
 def _progress(i: int, total: int, job: Job, rows: list[dict[str, Any]], seconds: float) -> None:
-    head = rows[0] if len(rows) == 1 else None
-    detail = ""
-    if head and head.get("status") == "ok":
-        detail = f"{head['median_ms']:.1f} ms"
-    elif any(r.get("status") != "ok" for r in rows):
-        detail = next(r["status"] for r in rows if r.get("status") != "ok")
-    print(f"[{i:>3}/{total}] {job.group:<5} {job.problem.label:<22} {job.impl:<18} "
-          f"{seconds:5.1f} s  {detail}", flush=True)
+    print(f"{f'{i}/{total}':>9}  {job.group:<13} {job.problem.label:<24} {job.impl:<18} {seconds:6.1f}  "
+          f"{_result_text(rows)}", flush=True)
+
+
+def _round_progress(r: int, rounds: int, jobs_of_set: list[Job], medians: list, record: dict[str, Any]) -> None:
+    foreign = record.get("foreign_cores")
+    busy = "unknown" if foreign is None else f"{foreign:.2f} cores"
+    times = ", ".join(f"{job.impl} {'failed' if m is None else f'{sum(m):.1f} ms'}"
+                      for job, m in zip(jobs_of_set, medians))
+    print(f"{'':>9}  round {r}/{rounds} of {jobs_of_set[0].problem.label}: other load {busy}; {times}",
+          flush=True)
+
+
+def _load_warning(summary: dict[str, Any]) -> str | None:
+    if not summary["noisy_rounds"]:
+        return None
+    return (f"warning: other work kept the machine busy during {summary['noisy_rounds']} of "
+            f"{summary['rounds']} rounds (up to {summary['max_foreign_cores']:.2f} of {summary['cores']} cores; "
+            f"threshold {summary['noisy_threshold_cores']:.2f}): the rows marked {report.DOUBT_MARK} may be off, "
+            f"rerun on a quiet machine")
 
 
 def _print_group(title: str, table: str, targets_of: str, targets: list) -> None:
@@ -130,7 +162,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     planned = jobs.plan_jobs(suite, backends, device.type, args.dtype, tf32=args.tf32)
     if args.only:
         planned = jobs.only_groups(planned, args.only)
-    rows = report.derive(jobs.run_jobs(planned, suite.isolate, _progress))
+    how = "in alternation, each in its own process" if suite.alternate else "one after another, in one process"
+    print(f"{len(planned)} jobs, the implementations of each problem {how}\n{PROGRESS_HEADER}")
+    measured, load_records = jobs.run_jobs(planned, suite.alternate, _progress, _round_progress)
+    cores = load.machine_cores()
+    load_summary = load.summarize(load_records, cores)
+    rows = report.derive(measured, cores)
     ran = {job.group for job in planned}
     # the pixel-contrast and step tables of the groups that ran (--only may leave them out)
     contrast_problems = suite.contrast if CONTRAST in ran else ()
@@ -150,6 +187,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(head_text)
     print("\nPer op")
     print(op_text)
+    if any(report.doubtful(r) for r in rows):
+        print(report.DOUBT_NOTE)
     print("\ndocs/spec.md §7 targets (best protoseg backend, head step)")
     print(report.render_targets(targets))
     setting = f"({device.type}, {args.dtype})"
@@ -183,6 +222,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "n_scale_down": suite.scale_down,
             "wall_seconds": round(wall_s, 1),
             "backends": status,
+            "alternation": suite.alternate,
+            "rounds": suite.plan.rounds,
+            "load": load_summary,
         },
         "rows": rows,
         "targets": targets,
@@ -215,5 +257,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             written.append("time_vs_n.png")
         if plots.plot_memory(rows, preset, out_dir / "memory_vs_n.png", subtitle):
             written.append("memory_vs_n.png")
+    warning = _load_warning(load_summary)
+    if warning:
+        print(f"\n{warning}")
     print(f"\nWrote {', '.join(written)} to {out_dir} (suite took {wall_s:.0f} s)")
     return document

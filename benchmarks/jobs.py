@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import contrast_cases, hssn_cases
+from . import alternation, contrast_cases, hssn_cases, load
 from .implementations import BASELINE, COMPILED, FLOOR
 from .problems import Problem
 from .suite import Suite
@@ -101,17 +101,32 @@ def _rows_of(job: Job, rows: list[Row]) -> list[Row]:
             and (r["preset"], r["n"], r["d"], r["c"], r["k"], r.get("m", 0)) == p.key]
 
 
-def run_jobs(jobs: list[Job], isolate: bool, on_done: Progress) -> list[Row]:
-    """Each job in its own process (``isolate``), or all in one process."""
-    batches = [[job] for job in jobs] if isolate else [jobs]
+def run_jobs(jobs: list[Job], alternate: bool, on_done: Progress,
+             on_round: alternation.RoundReport | None = None) -> tuple[list[Row], list[dict[str, Any]]]:
+    """The rows of ``jobs`` and the load record of every round.
+
+    ``alternate``: the jobs of each problem in alternation, each in its own persistent
+    process (benchmarks/alternation.py); else all in one process, one after another."""
     rows: list[Row] = []
+    records: list[dict[str, Any]] = []
     done = 0
-    for batch in batches:
-        start = time.perf_counter()
-        batch_rows = run_in_subprocess(batch)
-        seconds = (time.perf_counter() - start) / len(batch)
-        rows += batch_rows
-        for job in batch:
-            done += 1
-            on_done(done, len(jobs), job, _rows_of(job, batch_rows), seconds)
-    return rows
+    if alternate:
+        for batch in alternation.problem_sets(jobs):
+            start = time.perf_counter()
+            batch_rows, batch_records = alternation.run_alternating(batch, JOB_TIMEOUT_S, on_round)
+            records += batch_records
+            rows, seconds = rows + batch_rows, (time.perf_counter() - start) / len(batch)
+            for job in batch:
+                done += 1
+                on_done(done, len(jobs), job, _rows_of(job, batch_rows), seconds)
+        return rows, records
+    meter = load.LoadMeter(lambda: [])
+    meter.start()
+    start = time.perf_counter()
+    rows = run_in_subprocess(jobs)
+    records.append(meter.stop())
+    seconds = (time.perf_counter() - start) / len(jobs)
+    for job in jobs:
+        done += 1
+        on_done(done, len(jobs), job, _rows_of(job, rows), seconds)
+    return rows, records

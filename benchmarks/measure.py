@@ -60,12 +60,24 @@ class Case:
 @dataclass(frozen=True)
 class TimingPlan:
     """Warm-up runs, then at least ``min_runs`` and at most ``max_runs`` timed runs,
-    stopping once ``target_seconds`` of timed runs are collected."""
+    stopping once ``target_seconds`` of timed runs are collected.
+
+    With ``rounds`` > 1 the timed runs come in that many rounds, each with its share of
+    the runs and seconds: the suites alternate the implementations of a problem round by
+    round (benchmarks/alternation.py), so that a load spike lands on all of them. (The
+    first run of a round may find caches the other processes evicted; the median over
+    the rounds' runs absorbs it.)"""
 
     warmup: int = 2
     min_runs: int = 5
     max_runs: int = 30
     target_seconds: float = 3.0
+    rounds: int = 1
+
+    def round_share(self) -> tuple[int, int, float]:
+        """(min runs, max runs, target seconds) of one round."""
+        min_runs = -(-self.min_runs // self.rounds)
+        return min_runs, max(min_runs, -(-self.max_runs // self.rounds)), self.target_seconds / self.rounds
 
 
 @dataclass
@@ -104,15 +116,24 @@ def _time_once(case: Case, device: torch.device) -> float:
     return time.perf_counter() - begin
 
 
-def time_case(case: Case, device: torch.device, plan: TimingPlan) -> Timing:
+def warm_up(case: Case, device: torch.device, plan: TimingPlan) -> None:
     for _ in range(plan.warmup):
         _time_once(case, device)
+
+
+def timed_round(case: Case, device: torch.device, plan: TimingPlan) -> list[float]:
+    """The seconds of one round's timed runs."""
+    min_runs, max_runs, target = plan.round_share()
     seconds: list[float] = []
-    while len(seconds) < plan.min_runs or (
-        len(seconds) < plan.max_runs and sum(seconds) < plan.target_seconds
-    ):
+    while len(seconds) < min_runs or (len(seconds) < max_runs and sum(seconds) < target):
         seconds.append(_time_once(case, device))
-    return summarize(seconds)
+    return seconds
+
+
+def time_case(case: Case, device: torch.device, plan: TimingPlan) -> Timing:
+    """Warm-up and every round back to back (no alternation)."""
+    warm_up(case, device, plan)
+    return summarize([s for _ in range(plan.rounds) for s in timed_round(case, device, plan)])
 
 
 def _is_outermost_sync(event: Any) -> bool:

@@ -4,6 +4,12 @@ Columns (docs/benchmarks.md explains them for users):
 median / p20 / p80 ms, GFLOP/s (useful FLOPs / median), × floor (median / GEMM
 floor), speed-up (baseline median / median), peak extra memory (allocator; RSS
 growth on CPU), memory vs baseline (peak / baseline peak), host syncs per step.
+
+Trust marks: a row is *noisy* when other work kept the machine busy during one of its
+rounds, *unstable* when its rounds disagree (benchmarks/load.py); its median carries a
+``*`` and the targets it enters say so. A time below the GEMM floor by more than
+``FLOOR_TOLERANCE`` is a measurement error (the floor was timed under other conditions),
+not a result: the cell reads "invalid" and the floor target is not counted as met.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from . import contrast_cases, contrast_step, hssn_cases
+from . import contrast_cases, contrast_step, hssn_cases, load
 from .flops import HEAD_FLOOR, floor_gemms
 from .implementations import BASELINE, COMPILED, FLOOR, display_name, is_backend
 
@@ -30,6 +36,10 @@ MIN_SPEEDUP_VS_BASELINE = 2.0
 MIN_SPEEDUP_VS_COMPILED = 1.3
 MAX_TIMES_FLOOR = 1.25
 MAX_MEMORY_VS_BASELINE = 0.25
+# A fused step skips writing the similarity matrix that the floor's bare GEMMs write, so it
+# may come in a little under the floor; more than this below it, the two were not measured
+# under the same conditions.
+FLOOR_TOLERANCE = 0.1
 
 
 def _ok(row: Row) -> bool:
@@ -58,8 +68,11 @@ def _floor_total(counts: dict[str, float] | None, measured: dict[str, float]) ->
     return sum(measured[name] * count for name, count in counts.items())
 
 
-def derive(rows: list[Row]) -> list[Row]:
-    """Add gflops, floor_ms, times_floor, speedup, memory_vs_baseline (None where unknown)."""
+def derive(rows: list[Row], cores: int | None = None) -> list[Row]:
+    """Add gflops, floor_ms, times_floor, floor_invalid, speedup, memory_vs_baseline (None
+    where unknown) and the trust marks noisy and unstable (``cores``: the machine's, for
+    the foreign-load threshold; None: this machine's)."""
+    cores = cores or load.machine_cores()
     gemm_ms: dict[tuple, dict[str, float]] = {}
     baselines: dict[tuple, Row] = {}
     for row in filter(_ok, rows):
@@ -70,6 +83,11 @@ def derive(rows: list[Row]) -> list[Row]:
     out = []
     for row in rows:
         row = dict(row)
+        if _ok(row):
+            foreign = [f for f in row.get("round_foreign_cores") or [] if f is not None]
+            row["max_foreign_cores"] = max(foreign) if foreign else None
+            row["noisy"] = any(load.is_noisy({"foreign_cores": f}, cores) for f in foreign)
+            row["unstable"] = load.is_unstable(row.get("round_medians_ms") or [])
         if _ok(row) and row["impl"] != FLOOR:
             base = baselines.get((*_problem_key(row), row["op"], row["mode"]))
             floor = _floor_ms(row, gemm_ms)
@@ -77,11 +95,17 @@ def derive(rows: list[Row]) -> list[Row]:
             row["gflops"] = row["flops"] / ms / 1e6 if row.get("flops") else None
             row["floor_ms"] = floor
             row["times_floor"] = ms / floor if floor else None
+            row["floor_invalid"] = row["times_floor"] is not None and row["times_floor"] < 1 - FLOOR_TOLERANCE
             row["speedup"] = base["median_ms"] / ms if base else None
             peak, base_peak = row.get("peak_bytes"), base and base.get("peak_bytes")
             row["memory_vs_baseline"] = peak / base_peak if base_peak and peak is not None else None
         out.append(row)
     return out
+
+
+def doubtful(row: Row | None) -> bool:
+    """Whether a row was measured under load or its rounds disagree."""
+    return bool(row and (row.get("noisy") or row.get("unstable")))
 
 
 # ---- tables ------------------------------------------------------------------
@@ -95,14 +119,21 @@ def _cells(row: Row) -> list[str]:
     if not _ok(row):
         return [row["status"]]
     spread = f"{row['p20_ms']:.1f}-{row['p80_ms']:.1f}"
+    median = _fmt(row["median_ms"], ".1f") + (DOUBT_MARK if doubtful(row) else "")
+    times_floor = _fmt(row.get("times_floor"), ".2f")
+    if row.get("floor_invalid"):
+        times_floor = f"invalid ({times_floor})"
     return [
-        _fmt(row["median_ms"], ".1f"), spread, _fmt(row.get("gflops"), ".1f"),
-        _fmt(row.get("times_floor"), ".2f"), _fmt(row.get("speedup"), ".2f"),
+        median, spread, _fmt(row.get("gflops"), ".1f"), times_floor, _fmt(row.get("speedup"), ".2f"),
         _fmt(row.get("peak_bytes"), ".1f", MiB), _fmt(row.get("rss_bytes"), ".1f", MiB),
         _fmt(row.get("memory_vs_baseline"), ".2f"), _fmt(row.get("host_syncs"), "d"),
     ]
 
 
+DOUBT_MARK = "*"
+DOUBT_NOTE = (f"{DOUBT_MARK} measured while other work kept more than {load.NOISY_FOREIGN_SHARE:.0%} of the "
+              f"machine's cores busy, or its rounds' medians differ by more than "
+              f"{load.UNSTABLE_ROUND_SPREAD - 1:.0%}: its ratios are doubtful")
 HEAD_COLUMNS = ["problem", "implementation", "median ms", "p20-p80 ms", "GFLOP/s", "x floor",
                 "speed-up", "peak MiB", "RSS MiB", "mem/base", "syncs"]
 OP_COLUMNS = ["problem", "op", "mode"] + HEAD_COLUMNS[1:]
@@ -226,9 +257,20 @@ def render_markdown(header: list[str], table: list[list[str]]) -> str:
 
 
 # ---- targets -------------------------------------------------------------------
-def _check(name: str, value: float | None, limit: float, at_least: bool, detail: str) -> dict[str, Any]:
+def _check(name: str, value: float | None, limit: float, at_least: bool, detail: str,
+           rows: Iterable[Row | None] = ()) -> dict[str, Any]:
+    """A target's verdict; ``rows``: the measurements it rests on (for the trust marks)."""
     met = None if value is None else (value >= limit if at_least else value <= limit)
-    return {"target": name, "value": value, "limit": limit, "met": met, "detail": detail}
+    return {"target": name, "value": value, "limit": limit, "met": met, "detail": detail,
+            "invalid": False, "doubtful": any(doubtful(r) for r in rows)}
+
+
+def _floor_check(row: Row, limit: float, detail: str) -> dict[str, Any]:
+    """time / GEMM floor: a ratio under the floor's tolerance is invalid, never met."""
+    result = _check("time / GEMM floor", row.get("times_floor"), limit, False, detail, [row])
+    if row.get("floor_invalid"):
+        result.update(met=None, invalid=True)
+    return result
 
 
 def check_targets(rows: list[Row], preset_keys: Iterable[tuple]) -> list[dict[str, Any]]:
@@ -243,11 +285,13 @@ def check_targets(rows: list[Row], preset_keys: Iterable[tuple]) -> list[dict[st
         preset, label = key[0], f"{key[0]} N={key[1]} [{best['impl']}]"
         by_impl = {r["impl"]: r for r in block}
         if preset in SPEED_PRESETS:
-            results.append(_check("speed-up vs baseline", best.get("speedup"), MIN_SPEEDUP_VS_BASELINE, True, label))
+            results.append(_check("speed-up vs baseline", best.get("speedup"), MIN_SPEEDUP_VS_BASELINE, True, label,
+                                  [best, by_impl.get(BASELINE)]))
             compiled = by_impl.get(COMPILED)
             vs_compiled = compiled["median_ms"] / best["median_ms"] if compiled else None
-            results.append(_check("speed-up vs torch.compile", vs_compiled, MIN_SPEEDUP_VS_COMPILED, True, label))
-            results.append(_check("time / GEMM floor", best.get("times_floor"), MAX_TIMES_FLOOR, False, label))
+            results.append(_check("speed-up vs torch.compile", vs_compiled, MIN_SPEEDUP_VS_COMPILED, True, label,
+                                  [best, compiled]))
+            results.append(_floor_check(best, MAX_TIMES_FLOOR, label))
         if preset in MEMORY_PRESETS:
             results.append(_check("peak memory / baseline", best.get("memory_vs_baseline"),
                                   MAX_MEMORY_VS_BASELINE, False, label))
@@ -281,9 +325,12 @@ def check_contrast_targets(rows: list[Row], problems: Iterable) -> list[dict[str
             continue
         best = min(ours, key=lambda r: r["median_ms"])
         label = f"{p.label} [{best['impl']}]"
-        results.append(_check("time / GEMM floor", best.get("times_floor"), CONTRAST_MAX_TIMES_FLOOR, False, label))
+        results.append(_floor_check(best, CONTRAST_MAX_TIMES_FLOOR, label))
         if p.name == CONTRAST_SPEED_PRESET:
-            results.append(_check("speed-up vs baseline", best.get("speedup"), CONTRAST_MIN_SPEEDUP, True, label))
+            baseline = next((r for r in rows if r["group"] == "contrast" and _problem_key(r) == p.key
+                             and r["impl"] == BASELINE and _ok(r)), None)
+            results.append(_check("speed-up vs baseline", best.get("speedup"), CONTRAST_MIN_SPEEDUP, True, label,
+                                  [best, baseline]))
             results.append(_check("peak memory / baseline", best.get("memory_vs_baseline"),
                                   CONTRAST_MAX_MEMORY_VS_BASELINE, False, label))
         if p.name == "dense":
@@ -328,13 +375,20 @@ def check_hierarchy_targets(rows: list[Row], problems: Iterable) -> list[dict[st
     return results
 
 
+def verdict(result: dict[str, Any]) -> str:
+    if result.get("invalid"):
+        return "INVALID"
+    word = {True: "met", False: "MISSED", None: "not measured"}[result["met"]]
+    return word + (DOUBT_MARK if result.get("doubtful") and result["met"] is not None else "")
+
+
 def render_targets(results: list[dict[str, Any]]) -> str:
     lines = []
     for r in results:
-        verdict = {True: "met", False: "MISSED", None: "not measured"}[r["met"]]
+        shown = verdict(r)
         value = "-" if r["value"] is None else f"{r['value']:.3g}"
         bound = ">=" if r["target"].startswith("speed-up") else "<="
-        lines.append(f"  {verdict:<12} {r['target']:<26} {value:>8} (target {bound} {r['limit']:g})  {r['detail']}")
+        lines.append(f"  {shown:<12} {r['target']:<26} {value:>8} (target {bound} {r['limit']:g})  {r['detail']}")
     return "\n".join(lines)
 
 
@@ -342,7 +396,7 @@ def render_targets(results: list[dict[str, Any]]) -> str:
 CSV_FIELDS = ["group", "preset", "n", "d", "c", "k", "m", "contrast", "op", "mode", "impl", "device", "dtype", "status",
               "median_ms", "p20_ms", "p80_ms", "runs", "flops", "gflops", "floor_ms", "times_floor",
               "speedup", "peak_bytes", "rss_bytes", "allocated_bytes", "memory_vs_baseline",
-              "host_syncs", "cuda_sync_calls"]
+              "host_syncs", "cuda_sync_calls", "floor_invalid", "max_foreign_cores", "noisy", "unstable"]
 
 
 def write_csv(rows: list[Row], path: Path) -> None:

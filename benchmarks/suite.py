@@ -20,7 +20,11 @@
   logits, their pixel count / 4 on a CPU; tree-triplet on the stride-8 embedding, the same
   size on a CPU and a GPU).
 * ``smoke``: tiny sizes, two timed runs, one thread and one worker process, for
-  the test suite (no RSS column: that needs a process per implementation).
+  the test suite and a first look (about 40 s; no RSS column: that needs a process per
+  implementation; no alternation: its times are a sanity check, not a measurement).
+
+Every suite but ``smoke`` times the implementations of each problem in alternation, in
+rounds (benchmarks/alternation.py), and records the machine's foreign load in each round.
 """
 
 from __future__ import annotations
@@ -48,7 +52,9 @@ class Suite:
     plan: TimingPlan
     compile_presets: bool
     compile_sweep: bool
-    isolate: bool = True  # each implementation in its own process
+    # each implementation in its own persistent process, the implementations of a problem
+    # timed in alternation (benchmarks/alternation.py); else all jobs in one process
+    alternate: bool = True
     threads: int | None = None  # torch threads in the workers (None: torch's default)
     scale_down: int | None = 1  # preset N = per-GPU N / scale_down (None: not the presets)
     # (the sweep and op rows on a CPU: per-GPU N / CPU_SCALE_DOWN)
@@ -74,26 +80,26 @@ def build_suite(name: str, device_type: str, compile_baseline: bool = True) -> S
     if name == "smoke":
         plan = TimingPlan(warmup=1, min_runs=2, max_runs=2, target_seconds=0.0)
         return Suite(name, (TINY,), (TINY.with_n(128), TINY), (TINY,), plan, compile_baseline, False,
-                     isolate=False, threads=1, scale_down=None, contrast=TINY_CONTRAST,
+                     alternate=False, threads=1, scale_down=None, contrast=TINY_CONTRAST,
                      contrast_step=contrast_step.problems(contrast_step.TINY),
                      hierarchy=hssn_cases.problems(device_type, hssn_cases.TINY))
     if name == "memory":
-        plan = TimingPlan(warmup=1, min_runs=3, max_runs=3, target_seconds=0.0)
+        plan = TimingPlan(warmup=1, min_runs=3, max_runs=3, target_seconds=0.0, rounds=3)
         return Suite(name, _preset_problems(1), (), (), plan, False, False)
     gpu = device_type == "cuda"
     preset_scale, scale_down = (1, 1) if gpu else (CPU_PRESET_SCALE_DOWN, CPU_SCALE_DOWN)
     presets = _preset_problems(preset_scale)
     small = _preset_problems(scale_down)  # the op rows' sizes
     if name == "default":
-        plan = TimingPlan(warmup=5, min_runs=20, max_runs=200, target_seconds=1.0) if gpu else \
-            TimingPlan(warmup=2, min_runs=5, max_runs=15, target_seconds=2.0)
+        plan = TimingPlan(warmup=5, min_runs=20, max_runs=200, target_seconds=1.0, rounds=4) if gpu else \
+            TimingPlan(warmup=2, min_runs=6, max_runs=15, target_seconds=2.0, rounds=3)
         sweep = _sweep(scale_down, (1, 2, 4, 8))
         ops = small if gpu else tuple(p for p in small if p.name == SWEEP_PRESET)
         return Suite(name, presets, sweep, ops, plan, compile_baseline, False, scale_down=preset_scale,
                      contrast=contrast_presets(device_type), contrast_step=contrast_step.problems(),
                      hierarchy=hssn_cases.problems(device_type))
-    plan = TimingPlan(warmup=10, min_runs=50, max_runs=500, target_seconds=3.0) if gpu else \
-        TimingPlan(warmup=3, min_runs=10, max_runs=30, target_seconds=5.0)
+    plan = TimingPlan(warmup=10, min_runs=50, max_runs=500, target_seconds=3.0, rounds=5) if gpu else \
+        TimingPlan(warmup=3, min_runs=10, max_runs=30, target_seconds=5.0, rounds=5)
     sweep = _sweep(scale_down, (1, 2, 4, 8, 16))
     return Suite(name, presets, sweep, small, plan, compile_baseline, compile_baseline, scale_down=preset_scale,
                  contrast=contrast_presets(device_type), contrast_step=contrast_step.problems(),

@@ -1,16 +1,20 @@
 """Measure implementations in a fresh process.
 
-``python -m benchmarks.worker JOBS_JSON OUT_JSON``: for each job, builds the
-inputs, then for each case of the job times it, profiles it (host
-synchronisations, allocator memory) and, when the process runs a single job,
-measures its resident-set growth last (CPU). Writes the rows to OUT_JSON. A
-failing case gives a row with ``status`` "error: ..." instead of stopping the
-suite.
+Two ways to run:
 
-The suites run each implementation in its own process, which keeps the memory
-numbers independent (no allocator state, compiled graphs or BLAS buffers
-carried over from another implementation); the smoke suite batches its jobs
-into one process to stay fast, and then reports no RSS.
+* ``python -m benchmarks.worker JOBS_JSON OUT_JSON``: each job in turn, whole (build the
+  inputs, warm up, time every case, profile it: host synchronisations, allocator memory;
+  when the process runs a single job, its resident-set growth last, on a CPU); writes the
+  rows to OUT_JSON. The smoke suite batches its jobs into one such process to stay fast,
+  and then reports no RSS.
+* ``python -m benchmarks.worker --serve JOB_JSON``: one job held by a persistent process
+  that the alternation driver (benchmarks/alternation.py) steps through warm-up, rounds of
+  timed runs and the final profile, interleaved with the other implementations of the
+  same problem, each in its own process: the memory numbers stay independent (no
+  allocator state, compiled graphs or BLAS buffers carried over from another
+  implementation) and a load spike lands on every implementation's rounds alike.
+
+A failing case gives a row with ``status`` "error: ..." instead of stopping the suite.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,11 +103,14 @@ def _flops(job: Job, op: str, mode: str) -> int | None:
     return flops.op_flops(op, mode, job.problem)
 
 
-def _measure(job: Job, op: str, mode: str, case: Case) -> dict[str, Any]:
+def _measure(job: Job, op: str, mode: str, case: Case, seconds: list[float],
+             round_medians: list[float]) -> dict[str, Any]:
+    """The row of one case from its timed runs, then its profile (syncs, memory)."""
     device = torch.device(job.device)
     row = _base_row(job, op, mode)
-    timing = measure.time_case(case, device, job.plan)
-    row.update(dataclasses.asdict(timing), flops=_flops(job, op, mode), status="ok")
+    timing = measure.summarize(seconds)
+    row.update(dataclasses.asdict(timing), round_medians_ms=round_medians, flops=_flops(job, op, mode),
+               status="ok")
     if job.group == FLOOR:
         return row
     profiled = measure.profile_case(case, device)
@@ -121,27 +130,82 @@ def _error_row(job: Job, op: str, mode: str, exc: BaseException) -> dict[str, An
     return row
 
 
-def run_job(job: Job, measure_rss: bool) -> list[dict[str, Any]]:
-    if job.threads is not None:
-        torch.set_num_threads(job.threads)
-    torch.backends.cuda.matmul.allow_tf32 = job.tf32
-    torch.backends.cudnn.allow_tf32 = job.tf32
-    try:
-        cases = _cases(job)
-    except Exception as exc:  # report, do not crash the suite
-        return [_error_row(job, "setup", "-", exc)]
-    rows = []
-    for op, mode, case in cases:
+class JobSession:
+    """One job's cases, timed in rounds: ``warm_up()``, ``timed_round()`` as often as the
+    plan's rounds (the alternation driver interleaves other processes' rounds between
+    them), then ``finish()`` for the rows. A failing case becomes an error row and is
+    left out of the later steps."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.device = torch.device(job.device)
+        if job.threads is not None:
+            torch.set_num_threads(job.threads)
+        torch.backends.cuda.matmul.allow_tf32 = job.tf32
+        torch.backends.cudnn.allow_tf32 = job.tf32
+        self.cases: list[tuple[str, str, Case]] = []
+        self.errors: dict[int, dict[str, Any]] = {}
+        self.setup_error: dict[str, Any] | None = None
         try:
-            rows.append(_measure(job, op, mode, case))
-        except Exception as exc:
-            rows.append(_error_row(job, op, mode, exc))
-    if measure_rss and job.device == "cpu" and job.group != FLOOR:
-        # Last: it switches the process's malloc to return large blocks at once.
-        for row, (_, _, case) in zip(rows, cases):
-            if row["status"] == "ok":
-                row["rss_bytes"] = measure.rss_peak_bytes(case)
-    return rows
+            self.cases = _cases(job)
+        except Exception as exc:  # report, do not crash the suite
+            self.setup_error = _error_row(job, "setup", "-", exc)
+        self.seconds: list[list[float]] = [[] for _ in self.cases]
+        self.round_medians: list[list[float]] = [[] for _ in self.cases]
+        self.round_windows: list[tuple[float, float]] = []  # wall-clock (start, end) of each round
+
+    def _each_case(self, step: Callable[[int, Case], None]) -> None:
+        for i, (op, mode, case) in enumerate(self.cases):
+            if i in self.errors:
+                continue
+            try:
+                step(i, case)
+            except Exception as exc:
+                self.errors[i] = _error_row(self.job, op, mode, exc)
+
+    def warm_up(self) -> None:
+        self._each_case(lambda i, case: measure.warm_up(case, self.device, self.job.plan))
+
+    def timed_round(self) -> list[float]:
+        """One round of every case; returns the cases' medians of the round in ms."""
+        def step(i: int, case: Case) -> None:
+            seconds = measure.timed_round(case, self.device, self.job.plan)
+            self.seconds[i] += seconds
+            self.round_medians[i].append(measure.summarize(seconds).median_ms)
+
+        start = time.time()
+        self._each_case(step)
+        self.round_windows.append((start, time.time()))
+        return [self.round_medians[i][-1] for i in range(len(self.cases)) if i not in self.errors]
+
+    def finish(self, measure_rss: bool) -> list[dict[str, Any]]:
+        if self.setup_error is not None:
+            return [self.setup_error]
+        rows: list[dict[str, Any]] = []
+        for i, (op, mode, case) in enumerate(self.cases):
+            if i not in self.errors:
+                try:
+                    rows.append(_measure(self.job, op, mode, case, self.seconds[i], self.round_medians[i]))
+                    rows[-1]["round_windows_s"] = self.round_windows
+                    continue
+                except Exception as exc:
+                    self.errors[i] = _error_row(self.job, op, mode, exc)
+            rows.append(self.errors[i])
+        if measure_rss and self.job.device == "cpu" and self.job.group != FLOOR:
+            # Last: it switches the process's malloc to return large blocks at once.
+            for row, (_, _, case) in zip(rows, self.cases):
+                if row["status"] == "ok":
+                    row["rss_bytes"] = measure.rss_peak_bytes(case)
+        return rows
+
+
+def run_job(job: Job, measure_rss: bool) -> list[dict[str, Any]]:
+    """The whole job at once: warm-up and its rounds back to back."""
+    session = JobSession(job)
+    session.warm_up()
+    for _ in range(job.plan.rounds):
+        session.timed_round()
+    return session.finish(measure_rss)
 
 
 def jobs_to_json(jobs: list[Job]) -> str:
@@ -152,8 +216,40 @@ def jobs_from_json(text: str) -> list[Job]:
     return [Job.from_dict(raw) for raw in json.loads(text)]
 
 
+REPLY = "@@benchmarks-worker "  # marks the protocol's replies among other output
+
+
+def _reply(payload: Any) -> None:
+    print(REPLY + json.dumps(payload), flush=True)
+
+
+def serve(job_json: str) -> None:
+    """Hold one job and answer the alternation driver's commands, one per stdin line:
+    ``warm_up``, ``round`` (replies the round's medians), ``finish`` (replies the rows,
+    RSS included, and exits). Replies are single lines starting with ``REPLY``."""
+    (job,) = jobs_from_json(job_json)
+    session = JobSession(job)
+    _reply("ready")
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "warm_up":
+            session.warm_up()
+            _reply("warm")
+        elif command == "round":
+            _reply(session.timed_round())
+        elif command == "finish":
+            _reply(session.finish(measure_rss=True))
+            return
+        else:
+            raise SystemExit(f"benchmarks.worker: unknown command {command!r}")
+
+
 def main(argv: list[str] | None = None) -> None:
-    jobs_json, out_path = argv if argv is not None else sys.argv[1:]
+    args = argv if argv is not None else sys.argv[1:]
+    if args and args[0] == "--serve":
+        serve(args[1])
+        return
+    jobs_json, out_path = args
     jobs = jobs_from_json(jobs_json)
     rows = [row for job in jobs for row in run_job(job, measure_rss=len(jobs) == 1)]
     with open(out_path, "w") as f:
