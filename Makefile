@@ -12,7 +12,7 @@ CUDA_ARCHS ?= 8.0;9.0
 STAMP := $(VENV)/.protoseg-installed
 BUILD_INPUTS := setup.py pyproject.toml requirements-dev.txt $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: install test kernel-report bench lint env demo demo-docs fuzz clean
+.PHONY: install test kernel-report bench bench-smoke lint env demo demo-docs fuzz clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ kernel-report: install
 BENCH_ARGS ?=
 bench: install
 	$(PY) -m benchmarks $(BENCH_ARGS)
+
+# Every benchmark row at tiny sizes in one process, about 40 s: a first look, not a measurement.
+bench-smoke: install
+	$(PY) -m benchmarks --suite smoke
 
 # The differential fuzzer (tests/fuzz.py) for FUZZ_SECONDS with a fresh seed (make test runs
 # one minute of it with a fixed seed). FUZZ_ARGS="--seed 7 --backends cpu" reruns a case.

@@ -117,13 +117,25 @@ def _progress(i: int, total: int, job: Job, rows: list[dict[str, Any]], seconds:
           f"{_result_text(rows)}", flush=True)
 
 
+def _job_names(jobs_of_set: list[Job]) -> list[str]:
+    """Each job's implementation, with its group where the problem's jobs span several."""
+    several = len({job.group for job in jobs_of_set if job.group != "floor"}) > 1
+    return ["GEMM floor" if job.group == "floor" else f"{job.group} {job.impl}" if several else job.impl
+            for job in jobs_of_set]
+
+
 def _round_progress(r: int, rounds: int, jobs_of_set: list[Job], medians: list, record: dict[str, Any]) -> None:
     foreign = record.get("foreign_cores")
     busy = "unknown" if foreign is None else f"{foreign:.2f} cores"
-    times = ", ".join(f"{job.impl} {'failed' if m is None else f'{sum(m):.1f} ms'}"
-                      for job, m in zip(jobs_of_set, medians))
+    times = ", ".join(f"{name} {'failed' if m is None else f'{sum(m):.1f} ms'}"
+                      for name, m in zip(_job_names(jobs_of_set), medians))
     print(f"{'':>9}  round {r}/{rounds} of {jobs_of_set[0].problem.label}: other load {busy}; {times}",
           flush=True)
+
+
+def _set_progress(jobs_of_set: list[Job]) -> None:
+    impls = ", ".join(_job_names(jobs_of_set))
+    print(f"{'':>9}  {jobs_of_set[0].problem.label}: starting {impls} (warm-up one at a time)", flush=True)
 
 
 def _load_warning(summary: dict[str, Any]) -> str | None:
@@ -164,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         planned = jobs.only_groups(planned, args.only)
     how = "in alternation, each in its own process" if suite.alternate else "one after another, in one process"
     print(f"{len(planned)} jobs, the implementations of each problem {how}\n{PROGRESS_HEADER}")
-    measured, load_records = jobs.run_jobs(planned, suite.alternate, _progress, _round_progress)
+    measured, load_records = jobs.run_jobs(planned, suite.alternate, _progress, _round_progress, _set_progress)
     cores = load.machine_cores()
     load_summary = load.summarize(load_records, cores)
     rows = report.derive(measured, cores)

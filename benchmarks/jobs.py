@@ -102,16 +102,20 @@ def _rows_of(job: Job, rows: list[Row]) -> list[Row]:
 
 
 def run_jobs(jobs: list[Job], alternate: bool, on_done: Progress,
-             on_round: alternation.RoundReport | None = None) -> tuple[list[Row], list[dict[str, Any]]]:
+             on_round: alternation.RoundReport | None = None,
+             on_start: Callable[[list[Job]], None] | None = None) -> tuple[list[Row], list[dict[str, Any]]]:
     """The rows of ``jobs`` and the load record of every round.
 
     ``alternate``: the jobs of each problem in alternation, each in its own persistent
-    process (benchmarks/alternation.py); else all in one process, one after another."""
+    process (benchmarks/alternation.py); else all in one process, one after another.
+    ``on_start`` hears of each problem's jobs before they start."""
     rows: list[Row] = []
     records: list[dict[str, Any]] = []
     done = 0
     if alternate:
         for batch in alternation.problem_sets(jobs):
+            if on_start is not None:
+                on_start(batch)
             start = time.perf_counter()
             batch_rows, batch_records = alternation.run_alternating(batch, JOB_TIMEOUT_S, on_round)
             records += batch_records

@@ -92,7 +92,7 @@ def build_suite(name: str, device_type: str, compile_baseline: bool = True) -> S
     small = _preset_problems(scale_down)  # the op rows' sizes
     if name == "default":
         plan = TimingPlan(warmup=5, min_runs=20, max_runs=200, target_seconds=1.0, rounds=4) if gpu else \
-            TimingPlan(warmup=2, min_runs=6, max_runs=15, target_seconds=2.0, rounds=3)
+            TimingPlan(warmup=2, min_runs=9, max_runs=15, target_seconds=2.0, rounds=3)
         sweep = _sweep(scale_down, (1, 2, 4, 8))
         ops = small if gpu else tuple(p for p in small if p.name == SWEEP_PRESET)
         return Suite(name, presets, sweep, ops, plan, compile_baseline, False, scale_down=preset_scale,
