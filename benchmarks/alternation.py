@@ -25,7 +25,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from protoseg_kernels._compiled.cpu_levels import ENV_CAPABILITY
+
 from . import load
+from .implementations import cpu_level_of
 from .worker import REPLY, Job, jobs_to_json
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +48,9 @@ class WorkerProcess:
         self.job = job
         self._stderr = tempfile.TemporaryFile(mode="w+")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        level = cpu_level_of(job.impl)
+        if level is not None:
+            env[ENV_CAPABILITY] = level
         self._process = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.worker", "--serve", jobs_to_json([job])], cwd=REPO_ROOT, env=env,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True)

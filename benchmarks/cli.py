@@ -50,9 +50,25 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tf32", action="store_true", help="CUDA: fp32 matmuls in TF32 (default: off, as torch)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile of the baseline")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--cpu-levels", default=None, metavar="LEVELS",
+                        help="CPU: time the cpu backend once per kernel level, in alternation: 'all' (every "
+                             "built level this CPU runs) or a comma-separated list, e.g. avx2,avx512")
     parser.add_argument("--only", choices=jobs.GROUPS, nargs="+", default=None,
                         help="run only these row groups of the suite (with their GEMM floors)")
     return parser.parse_args(argv)
+
+
+def _cpu_levels(choice: str) -> list[str]:
+    """The CPU kernel levels ``--cpu-levels`` names, checked against the build and the CPU."""
+    from protoseg_kernels._compiled import cpu
+
+    runnable = [name for name in cpu.built_levels() if cpu.cpu_runs(name)]
+    wanted = runnable if choice == "all" else [name.strip() for name in choice.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in runnable]
+    if unknown or not wanted:
+        raise SystemExit(f"--cpu-levels: {', '.join(unknown) or 'none given'} not among the built levels "
+                         f"this CPU runs ({', '.join(runnable) or 'none'})")
+    return wanted
 
 
 def _device(choice: str) -> torch.device:
@@ -163,6 +179,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     suite = build_suite(args.suite, device.type, compile_baseline=not args.no_compile)
     status = implementations.backend_status(device)
     backends = [name for name, reason in status.items() if reason is None]
+    if args.cpu_levels and not suite.alternate:
+        raise SystemExit(f"--cpu-levels: the {suite.name} suite runs in one process; use another suite")
+    if args.cpu_levels and device.type == "cpu":
+        backends = implementations.with_cpu_levels(backends, _cpu_levels(args.cpu_levels))
     tag = _device_tag(device) + ("" if suite.name == "default" else f"-{suite.name}")
     out_dir = args.out or RESULTS_DIR / tag
     out_dir.mkdir(parents=True, exist_ok=True)

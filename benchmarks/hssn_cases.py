@@ -49,6 +49,7 @@ from protoseg_kernels._backend import AUTO, op_reason
 from protoseg_kernels._op_table import OPS_BY_NAME
 
 from . import hssn_baseline
+from .implementations import backend_of
 from .measure import Case
 from .problems import CPU_PRESET_SCALE_DOWN, IGNORE_INDEX, Problem, _long_tailed_labels
 
@@ -138,7 +139,7 @@ def fused_impls(p: Problem, backends: list[str]) -> list[str]:
     op = settings_of(p).op
     if op not in OPS_BY_NAME:
         return [AUTO]
-    return [b for b in backends if op_reason(b, op) is None]
+    return [b for b in backends if op_reason(backend_of(b), op) is None]
 
 
 def skipped_backends(p: Problem, backends: list[str]) -> list[tuple[str, str]]:
@@ -146,7 +147,7 @@ def skipped_backends(p: Problem, backends: list[str]) -> list[tuple[str, str]]:
     op = settings_of(p).op
     if op not in OPS_BY_NAME:
         return []
-    return [(b, reason) for b in backends if (reason := op_reason(b, op)) is not None]
+    return [(b, reason) for b in backends if (reason := op_reason(backend_of(b), op)) is not None]
 
 
 # ---- inputs ------------------------------------------------------------------

@@ -10,6 +10,9 @@
   public ops only (what a user writes; 3 similarity GEMMs per step).
   (``cuda_emulated`` and interpreted Triton exist for the tests, not for speed.)
 * ``gemm_floor``: the bare GEMMs of the floor (:mod:`benchmarks.flops`).
+* ``cpu@<level>`` (``--cpu-levels``): the ``cpu`` backend with its kernels of one
+  instruction-set level (protoseg_kernels/_compiled/cpu_levels.py), its worker process
+  started with ``PROTOSEG_CPU_CAPABILITY=<level>``: the levels timed in alternation.
 """
 
 from __future__ import annotations
@@ -59,12 +62,35 @@ def usable_backends(device: torch.device) -> list[str]:
     return [name for name, reason in backend_status(device).items() if reason is None]
 
 
+LEVEL_SEPARATOR = "@"
+
+
 def is_backend(impl: str) -> bool:
     return impl not in (BASELINE, COMPILED, FLOOR)
 
 
+def backend_of(impl: str) -> str | None:
+    """The protoseg backend an implementation runs (None for the baselines and the floor)."""
+    return impl.split(LEVEL_SEPARATOR)[0] if is_backend(impl) else None
+
+
+def cpu_level_of(impl: str) -> str | None:
+    """The CPU kernel level a ``cpu@<level>`` implementation asks for, else None."""
+    backend, _, level = impl.partition(LEVEL_SEPARATOR)
+    return level if backend == "cpu" and level else None
+
+
+def with_cpu_levels(backends: list[str], levels: list[str]) -> list[str]:
+    """``backends`` with ``cpu`` replaced by one ``cpu@<level>`` per level."""
+    out: list[str] = []
+    for name in backends:
+        out += [f"cpu{LEVEL_SEPARATOR}{level}" for level in levels] if name == "cpu" and levels else [name]
+    return out
+
+
 def _backend_scope(impl: str) -> contextlib.AbstractContextManager:
-    return pk.use_backend(impl) if is_backend(impl) else contextlib.nullcontext()
+    backend = backend_of(impl)
+    return pk.use_backend(backend) if backend else contextlib.nullcontext()
 
 
 def head_step_fn(impl: str) -> StepFn:

@@ -70,7 +70,7 @@ def _base_row(job: Job, op: str, mode: str) -> dict[str, Any]:
 def _cases(job: Job) -> list[tuple[str, str, Case]]:
     """(op, mode, case) of every row of the job."""
     device = torch.device(job.device)
-    backend = job.impl if implementations.is_backend(job.impl) else None
+    backend = implementations.backend_of(job.impl)
     if job.group == STEP:
         return contrast_step.cases(backend, job.problem, device, DTYPES[job.dtype], job.seed)
     if job.group == HIERARCHY:
@@ -191,6 +191,11 @@ class JobSession:
                 except Exception as exc:
                     self.errors[i] = _error_row(self.job, op, mode, exc)
             rows.append(self.errors[i])
+        if implementations.backend_of(self.job.impl) == "cpu":  # which kernel level ran
+            from protoseg_kernels._compiled import cpu
+
+            for row in rows:
+                row["cpu_level"] = cpu.CPU_LEVEL
         if measure_rss and self.job.device == "cpu" and self.job.group != FLOOR:
             # Last: it switches the process's malloc to return large blocks at once.
             for row, (_, _, case) in zip(rows, self.cases):

@@ -56,7 +56,14 @@ def collect() -> dict[str, Any]:
         "ops": op_table(),
         "extension_build": build_info() or "not built",
         "extension_matches_torch": build_mismatch() or ("yes" if build_info() else "not built"),
+        "cpu_kernel_level": _cpu_kernel_level(),
     }
+
+
+def _cpu_kernel_level() -> str:
+    from ._compiled import cpu
+
+    return cpu.level_report()
 
 
 def _requested() -> str:

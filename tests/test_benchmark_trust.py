@@ -161,3 +161,20 @@ def test_progress_lines_are_labelled(capsys):
         assert label in header
     assert line.startswith("     3/40  head") and "median 12.2 ms" in line
     assert line.index("cpu") == header.index("implementation")
+
+
+def test_cpu_levels_are_timed_as_implementations_of_their_own():
+    from benchmarks import implementations
+    from protoseg_kernels._compiled import cpu
+
+    assert implementations.with_cpu_levels(["reference", "cpu"], ["baseline", "avx2"]) == \
+        ["reference", "cpu@baseline", "cpu@avx2"]
+    assert implementations.cpu_level_of("cpu@avx2") == "avx2" and implementations.cpu_level_of("cpu") is None
+    assert implementations.backend_of("cpu@avx2") == "cpu" and implementations.backend_of(BASELINE) is None
+    levels = [name for name in cpu.built_levels() if cpu.cpu_runs(name)]
+    if len(levels) < 2:
+        pytest.skip("needs two CPU kernel levels this machine runs")
+    jobs = [_tiny_job(HEAD, f"cpu@{levels[0]}", 1), _tiny_job(HEAD, f"cpu@{levels[-1]}", 1)]
+    rows, _ = alternation.run_alternating(jobs, timeout_s=300)
+    assert {r["impl"]: r["cpu_level"] for r in rows} == {f"cpu@{lv}": lv for lv in (levels[0], levels[-1])}
+    assert all(r["status"] == "ok" for r in rows)
