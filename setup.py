@@ -118,7 +118,7 @@ def _sources(*patterns: str) -> list[str]:
 # target (spelled out on x86-64, as some compilers default to a newer one) except the CPU
 # kernel modules of the higher levels (CPU_LEVELS), which the loader only picks on a CPU
 # that runs them.
-BASELINE_TARGET = ["-march=x86-64", "-mtune=generic"] if _LEVELS_MODULE.is_x86_64() else []
+BASELINE_TARGET = ["-march=x86-64"] if _LEVELS_MODULE.is_x86_64() else []
 CXX_FLAGS = ["-O3", "-fno-math-errno", "-Wall"] + BASELINE_TARGET
 # The CPU kernel modules: at::parallel_for is inlined into the extension and only runs in
 # parallel when compiled with OpenMP (at run time it uses torch's libgomp, already loaded);
