@@ -64,3 +64,15 @@ def resume_matches_a_straight_run(config: str, overrides: tuple, tmp_path, monke
     resumed.train()
     assert_same_state(straight.model.state_dict(), resumed.model.state_dict())
     return resumed
+
+
+def tiny_training_config(train_images: int = 24, val_images: int = 6, iters: int = 6, log_every: int = 2,
+                         eval_every: int = 3) -> dict:
+    """A ProtoSeg training config that runs in seconds on the synthetic dataset (for a YAML file)."""
+    return {
+        "model": {"width": 8, "embed_dim": 16, "num_prototypes": 2, "momentum": 0.9},
+        "data": {"synthetic_train_images": train_images, "synthetic_val_images": val_images,
+                 "synthetic_image_size": 32, "crop_size": [32, 32], "batch_size": 4, "val_batch_size": 3},
+        "optim": {"optimizer": "sgd", "lr": 0.05, "iters": iters},
+        "train": {"log_every": log_every, "eval_every": eval_every, "progress": False},
+    }

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from protoseg_fixtures import single_thread  # noqa: F401
+from protoseg_fixtures import single_thread, tiny_training_config  # noqa: F401
 from torch import nn
 
 import protoseg
@@ -169,13 +169,7 @@ def test_the_in_place_classifier_replacement_fails_with_a_message_pointing_to_th
     assert predict_logits(SegmentationModel(backbone, fcn.classifier), images).shape == (1, 3, 32, 32)
 
 
-TINY = {
-    "model": {"width": 8, "embed_dim": 16, "num_prototypes": 2, "momentum": 0.9},
-    "data": {"synthetic_train_images": 8, "synthetic_val_images": 3, "synthetic_image_size": 32,
-             "crop_size": [32, 32], "batch_size": 4, "val_batch_size": 3},
-    "optim": {"optimizer": "sgd", "lr": 0.05, "iters": 2},
-    "train": {"log_every": 1, "eval_every": 2, "progress": False},
-}
+TINY = tiny_training_config(train_images=8, val_images=3, iters=2, log_every=1, eval_every=2)
 
 
 @pytest.fixture(scope="module")

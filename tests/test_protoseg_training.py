@@ -8,7 +8,12 @@ import json
 import pytest
 import torch
 import yaml
-from protoseg_fixtures import assert_same_state, single_thread, train_until_first_checkpoint  # noqa: F401
+from protoseg_fixtures import (  # noqa: F401
+    assert_same_state,
+    single_thread,
+    tiny_training_config,
+    train_until_first_checkpoint,
+)
 
 from protoseg import train, visualize
 from protoseg.checkpoint import load_checkpoint, model_from_checkpoint
@@ -16,13 +21,7 @@ from protoseg.config import ConfigError, load_config
 from protoseg.data import build_datasets
 from protoseg.trainer import Trainer
 
-TINY = {
-    "model": {"width": 8, "embed_dim": 16, "num_prototypes": 2, "momentum": 0.9},
-    "data": {"synthetic_train_images": 24, "synthetic_val_images": 6, "synthetic_image_size": 32,
-             "crop_size": [32, 32], "batch_size": 4, "val_batch_size": 3},
-    "optim": {"optimizer": "sgd", "lr": 0.05, "iters": 6},
-    "train": {"log_every": 2, "eval_every": 3, "progress": False},
-}
+TINY = tiny_training_config()
 
 
 @pytest.fixture
