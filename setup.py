@@ -15,7 +15,7 @@ Environment knobs (all optional):
   ``protoseg_kernels._cpu_<level>``, and the best one the CPU runs is loaded at run time;
   ``PROTOSEG_CPU_ARCH=native`` (or any ``-march`` value) builds one ``custom`` level with
   that ``-march`` instead: faster to build, for this machine only. The rest of the
-  extension is always compiled for the compiler's default target.
+  extension is always compiled for the baseline (``-march=x86-64`` on x86-64).
 * ``PROTOSEG_BUILD_EMULATION=1``: also build ``protoseg_kernels._C_emulated``, the
   CUDA kernel sources compiled for the host (the ``cuda_emulated`` test backend): every
   ``csrc/cuda/*.cu`` file, with no file of its own to add for it.

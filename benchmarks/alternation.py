@@ -29,7 +29,7 @@ from protoseg_kernels._compiled.cpu_levels import ENV_CAPABILITY
 
 from . import load
 from .implementations import cpu_level_of
-from .worker import REPLY, Job, jobs_to_json
+from .worker import REPLY, Job, failure_row, jobs_to_json
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 Row = dict[str, Any]
@@ -103,13 +103,6 @@ class WorkerProcess:
         self._stderr.close()
 
 
-def _failure_rows(job: Job, status: str) -> list[Row]:
-    p = job.problem
-    return [{"group": job.group, "preset": p.name, "n": p.n, "d": p.d, "c": p.c, "k": p.k, "m": p.m,
-             "op": "-", "mode": "-", "impl": job.impl, "device": job.device, "dtype": job.dtype,
-             "status": status}]
-
-
 def _try(worker: WorkerProcess, command: str | None, timeout_s: float) -> Any:
     try:
         return worker.ask(command, timeout_s)
@@ -141,7 +134,7 @@ def run_alternating(jobs: list[Job], timeout_s: float,
         rows: list[Row] = []
         for w in workers:
             got = _try(w, "finish", timeout_s)
-            rows += got if got is not None else _failure_rows(w.job, w.failure or "error: no rows")
+            rows += got if got is not None else [failure_row(w.job, w.failure or "error: no rows")]
     finally:
         for w in workers:
             w.close()

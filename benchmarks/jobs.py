@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from . import alternation, contrast_cases, hssn_cases, load
+from .alternation import REPO_ROOT
 from .implementations import BASELINE, COMPILED, FLOOR
 from .problems import Problem
 from .suite import Suite
-from .worker import CONTRAST, HEAD, HIERARCHY, OPS, STEP, Job, jobs_to_json
+from .worker import CONTRAST, HEAD, HIERARCHY, OPS, STEP, Job, failure_row, jobs_to_json
 from .worker import FLOOR as FLOOR_GROUP
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 JOB_TIMEOUT_S = 900
 Row = dict[str, Any]
 Progress = Callable[[int, int, Job, list[Row], float], None]
@@ -66,18 +66,6 @@ def only_groups(planned: list[Job], groups: list[str]) -> list[Job]:
     return [job for job in planned if job in kept or (job.group == FLOOR_GROUP and job.problem in problems)]
 
 
-def _failure_rows(jobs: list[Job], status: str) -> list[Row]:
-    rows = []
-    for job in jobs:
-        p = job.problem
-        rows.append({
-            "group": job.group, "preset": p.name, "n": p.n, "d": p.d, "c": p.c, "k": p.k, "m": p.m,
-            "op": "-", "mode": "-", "impl": job.impl, "device": job.device, "dtype": job.dtype,
-            "status": status,
-        })
-    return rows
-
-
 def run_in_subprocess(jobs: list[Job], timeout_s: float = JOB_TIMEOUT_S) -> list[Row]:
     """Run ``jobs`` in one fresh Python process; failures become error rows."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,10 +76,10 @@ def run_in_subprocess(jobs: list[Job], timeout_s: float = JOB_TIMEOUT_S) -> list
             done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                                   timeout=timeout_s * len(jobs))
         except subprocess.TimeoutExpired:
-            return _failure_rows(jobs, f"error: timed out after {timeout_s * len(jobs):.0f} s")
+            return [failure_row(job, f"error: timed out after {timeout_s * len(jobs):.0f} s") for job in jobs]
         if done.returncode != 0 or not out.exists():
             lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
-            return _failure_rows(jobs, f"error: worker exited with {done.returncode}: {lines[-1]}")
+            return [failure_row(job, f"error: worker exited with {done.returncode}: {lines[-1]}") for job in jobs]
         return json.loads(out.read_text())
 
 

@@ -99,9 +99,9 @@ def load_average() -> float | None:
         return None
 
 
-def is_noisy(record: dict[str, Any], cores: int) -> bool:
-    foreign = record.get("foreign_cores")
-    return foreign is not None and foreign > NOISY_FOREIGN_SHARE * cores
+def is_noisy(foreign_cores: float | None, cores: int) -> bool:
+    """Whether a round's foreign load (None: unknown) exceeds the noise threshold."""
+    return foreign_cores is not None and foreign_cores > NOISY_FOREIGN_SHARE * cores
 
 
 def is_unstable(round_medians_ms: list[float]) -> bool:
@@ -115,7 +115,7 @@ def summarize(records: list[dict[str, Any]], cores: int) -> dict[str, Any]:
     return {
         "cores": cores,
         "rounds": len(records),
-        "noisy_rounds": sum(is_noisy(r, cores) for r in records),
+        "noisy_rounds": sum(is_noisy(r.get("foreign_cores"), cores) for r in records),
         "max_foreign_cores": max(foreign) if foreign else None,
         "noisy_threshold_cores": NOISY_FOREIGN_SHARE * cores,
         "records": records,

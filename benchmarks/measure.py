@@ -130,12 +130,6 @@ def timed_round(case: Case, device: torch.device, plan: TimingPlan) -> list[floa
     return seconds
 
 
-def time_case(case: Case, device: torch.device, plan: TimingPlan) -> Timing:
-    """Warm-up and every round back to back (no alternation)."""
-    warm_up(case, device, plan)
-    return summarize([s for _ in range(plan.rounds) for s in timed_round(case, device, plan)])
-
-
 def _is_outermost_sync(event: Any) -> bool:
     if event.name not in SYNC_OPS:
         return False

@@ -86,7 +86,7 @@ def derive(rows: list[Row], cores: int | None = None) -> list[Row]:
         if _ok(row):
             foreign = [f for f in row.get("round_foreign_cores") or [] if f is not None]
             row["max_foreign_cores"] = max(foreign) if foreign else None
-            row["noisy"] = any(load.is_noisy({"foreign_cores": f}, cores) for f in foreign)
+            row["noisy"] = any(load.is_noisy(f, cores) for f in foreign)
             row["unstable"] = load.is_unstable(row.get("round_medians_ms") or [])
         if _ok(row) and row["impl"] != FLOOR:
             base = baselines.get((*_problem_key(row), row["op"], row["mode"]))

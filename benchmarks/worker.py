@@ -67,6 +67,11 @@ def _base_row(job: Job, op: str, mode: str) -> dict[str, Any]:
     }
 
 
+def failure_row(job: Job, status: str) -> dict[str, Any]:
+    """The one row of a job whose process failed as a whole (crashed, hung, never replied)."""
+    return dict(_base_row(job, "-", "-"), status=status)
+
+
 def _cases(job: Job) -> list[tuple[str, str, Case]]:
     """(op, mode, case) of every row of the job."""
     device = torch.device(job.device)

@@ -51,8 +51,8 @@ def test_foreign_load_counts_other_processes_and_not_the_benchmarks_own():
 
 
 def test_noisy_and_unstable_rules():
-    assert load.is_noisy({"foreign_cores": 0.5}, cores=2) and not load.is_noisy({"foreign_cores": 0.1}, cores=2)
-    assert not load.is_noisy({"foreign_cores": None}, cores=2)
+    assert load.is_noisy(0.5, cores=2) and not load.is_noisy(0.1, cores=2)
+    assert not load.is_noisy(None, cores=2)
     assert load.is_unstable([10.0, 13.0]) and not load.is_unstable([10.0, 12.0]) and not load.is_unstable([10.0])
     summary = load.summarize([{"foreign_cores": 0.0}, {"foreign_cores": 0.9}, {"foreign_cores": None}], cores=2)
     assert (summary["rounds"], summary["noisy_rounds"], summary["max_foreign_cores"]) == (3, 1, 0.9)

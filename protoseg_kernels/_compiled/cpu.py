@@ -7,6 +7,7 @@ cpu_levels.py); this loads the schemas (``_C``), then the best level the CPU run
 from __future__ import annotations
 
 import importlib.util
+from functools import cache
 
 import torch
 
@@ -20,9 +21,16 @@ def built_levels() -> list[str]:
             if importlib.util.find_spec(f"protoseg_kernels._cpu_{name}") is not None]
 
 
+@cache
+def _cpu_features() -> tuple[frozenset[str] | None, str | None]:
+    """This CPU's /proc/cpuinfo flags, or (where there are none) torch's capability."""
+    flags = levels.cpuinfo_flags()
+    return flags, (levels.torch_capability() if flags is None else None)
+
+
 def cpu_runs(name: str) -> bool:
     level = next((lv for lv in levels.X86_LEVELS if lv.name == name), levels.BASELINE)
-    return levels.supports(level, levels.cpuinfo_flags(), levels.torch_capability())
+    return levels.supports(level, *_cpu_features())
 
 
 def _load() -> tuple[str | None, str | None, Implemented]:
