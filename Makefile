@@ -12,7 +12,7 @@ CUDA_ARCHS ?= 8.0;9.0
 STAMP := $(VENV)/.protoseg-installed
 BUILD_INPUTS := setup.py pyproject.toml requirements-dev.txt $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: install test kernel-report bench bench-smoke lint env demo demo-docs fuzz clean
+.PHONY: install test kernel-report bench bench-smoke lint env demo demo-docs fuzz gpu-check gpu-check-dry-run clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,19 @@ FUZZ_SECONDS ?= 600
 FUZZ_ARGS ?=
 fuzz: install
 	$(PY) tests/fuzz.py --seconds $(FUZZ_SECONDS) $(FUZZ_ARGS)
+
+# On a bare GPU machine (its own Python, torch, triton and CUDA toolkit; no venv, nothing
+# downloaded): build in place for the GPU, run the GPU tests and the GPU benchmark rows,
+# logs and JSON into RESULTS (docs/gpu-check.md). Needs no `make install`.
+GPU_PYTHON ?= python3
+RESULTS ?= gpu-results
+gpu-check:
+	$(GPU_PYTHON) -m benchmarks.gpu_check --results $(RESULTS)
+
+# The same plan without a GPU: a scratch build for sm_90, the GPU tests collected, the
+# benchmark entry point on the CPU.
+gpu-check-dry-run: install
+	$(PY) -m benchmarks.gpu_check --dry-run --arch 9.0 --results $(RESULTS)
 
 lint: install
 	$(PY) -m ruff check .

@@ -7,7 +7,10 @@ Environment knobs (all optional):
   toolkit and a CUDA build of torch are present (never decided by
   ``torch.cuda.is_available()``: building needs no GPU).
 * ``TORCH_CUDA_ARCH_LIST``: defaults to ``8.0;8.6;9.0+PTX`` (torch's own default
-  probes the GPU, which fails on a machine without one).
+  probes the GPU, which fails on a machine without one); compute capability 8.0 or newer
+  (the tensor-core kernels use bf16 and tf32 fragments). setup.py turns it into the
+  ``-gencode`` flags itself: torch adds none once any nvcc flag mentions an arch, as the
+  host compiler's ``-march`` does.
 * ``CUDA_HOME``: the toolkit; otherwise found from ``nvcc`` on PATH, looking through
   wrapper scripts to the real installation.
 * ``PROTOSEG_CPU_ARCH``: by default the CPU kernels are compiled once per instruction-set
@@ -127,6 +130,32 @@ CXX_FLAGS = ["-O3", "-fno-math-errno", "-Wall"] + BASELINE_TARGET
 # never stand in for another module's.
 CPU_KERNEL_FLAGS = ["-fopenmp", "-ffp-contract=fast", "-fvisibility=hidden"]
 CPU_LINK_FLAGS = ["-fopenmp"]
+MIN_CUDA_CAPABILITY = (8, 0)
+
+
+def cuda_gencode_flags(arch_list: str) -> list[str]:
+    """``-gencode`` flags for a TORCH_CUDA_ARCH_LIST such as ``8.0;8.6;9.0+PTX`` (``;``, ``,``
+    or spaces between entries): SASS for each entry, PTX too for one marked ``+PTX``."""
+    flags = []
+    for entry in re.split(r"[;, ]+", arch_list.strip()):
+        if not entry:
+            continue
+        match = re.fullmatch(r"(\d+)\.(\d+)(a?)(\+PTX)?", entry)
+        if match is None:
+            raise SystemExit(f"TORCH_CUDA_ARCH_LIST: cannot read {entry!r}; expected entries like 8.0, 9.0a or 9.0+PTX")
+        major, minor, suffix, ptx = int(match.group(1)), int(match.group(2)), match.group(3), match.group(4)
+        if (major, minor) < MIN_CUDA_CAPABILITY:
+            raise SystemExit(f"TORCH_CUDA_ARCH_LIST: {entry} is below compute capability 8.0, which the tensor-core "
+                             "kernels need (bf16 and tf32 fragments); use 8.0 or newer")
+        code = f"{major}{minor}{suffix}"
+        flags.append(f"-gencode=arch=compute_{code},code=sm_{code}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{code},code=compute_{code}")
+    if not flags:
+        raise SystemExit("TORCH_CUDA_ARCH_LIST is empty; set compute capabilities such as 8.0;9.0")
+    return flags
+
+
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + [f"-Xcompiler={f}" for f in BASELINE_TARGET]
 # The CUDA kernel sources built by the host compiler (emulation_sources): hidden symbols so
 # they never interpose on the real extension's, and CUDA's `#pragma unroll` is not GCC's.
@@ -184,7 +213,8 @@ def extensions() -> list:
         exts.append(CUDAExtension(
             "protoseg_kernels._C", registration + _sources("csrc/cuda/*.cpp", "csrc/cuda/*.cu"),
             extra_compile_args={"cxx": CXX_FLAGS + ["-DPROTOSEG_WITH_CUDA"],
-                                "nvcc": NVCC_FLAGS + ["-DPROTOSEG_WITH_CUDA"]},
+                                "nvcc": NVCC_FLAGS + ["-DPROTOSEG_WITH_CUDA"]
+                                + cuda_gencode_flags(os.environ["TORCH_CUDA_ARCH_LIST"])},
             **common,
         ))
     else:

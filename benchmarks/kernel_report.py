@@ -9,7 +9,8 @@ Rows come from collector modules next to this file, each with a function
 
 returning one dict per (kernel, configuration, target) with the keys of ``COLUMNS``
 (``registers``, ``spills`` (bytes of spill stores + loads), ``stack`` and ``shared``
-(bytes) are ints). A collector may also return ``problems``: rows whose ``problem``
+(bytes) are ints; ``tensor_cores`` counts the tensor-core instructions (HMMA, HGMMA, ...)
+in the kernel's SASS). A collector may also return ``problems``: rows whose ``problem``
 key says what is wrong (e.g. a kernel that links libdevice); they fail the report.
 Collectors not written yet are skipped with a note.
 """
@@ -24,7 +25,7 @@ import time
 from types import ModuleType
 
 COLLECTORS = ("kernel_report_triton", "kernel_report_cuda")
-COLUMNS = ("kernel", "config", "target", "registers", "spills", "stack", "shared")
+COLUMNS = ("kernel", "config", "target", "registers", "spills", "stack", "shared", "tensor_cores")
 
 
 def _sibling(name: str) -> str:
@@ -49,9 +50,9 @@ def _import_collector(name: str) -> ModuleType | None:
 
 
 def format_table(rows: list[dict]) -> str:
-    cells = [[str(row[c]) for c in COLUMNS] for row in rows]
+    cells = [[str(row.get(c, "-")) for c in COLUMNS] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(COLUMNS)]
-    numeric = {"registers", "spills", "stack", "shared"}
+    numeric = {"registers", "spills", "stack", "shared", "tensor_cores"}
 
     def line(values: list[str]) -> str:
         return "  ".join(v.rjust(w) if c in numeric else v.ljust(w) for v, w, c in zip(values, widths, COLUMNS))

@@ -6,6 +6,7 @@ backend is called on meta tensors of the preset shapes while its launches are
 recorded (no GPU, no data), and each distinct launch is specialised the way
 Triton's runtime would and compiled with ``triton.compile``. Registers, stack and
 local memory are read from the resulting cubin (``cuobjdump --dump-resource-usage``),
+tensor-core instructions from its SASS (``cuobjdump -sass``),
 spill bytes (for a kernel with a stack frame: spills are stored there) from
 ``ptxas -v`` on the same PTX with Triton's ptxas flags, and shared memory from the
 compiled kernel's metadata. A kernel that calls libdevice (``__nv_*``)
@@ -23,6 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+try:  # part of the benchmarks package, or run as a script from its folder
+    from . import sass
+except ImportError:
+    import sass  # type: ignore[no-redef]
 
 # Input dtypes compiled, with torch.backends.cuda.matmul.allow_tf32 (fp32 runs either way).
 VARIANTS = ((torch.bfloat16, False), (torch.float16, False), (torch.float32, False), (torch.float32, True))
@@ -195,6 +201,14 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
     return {key: int(value) for key, value in fields.items()}
 
 
+def _tensor_core_instructions(cubin: bytes) -> int:
+    """Tensor-core instructions in the SASS of a cubin (benchmarks/sass.py)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return sum(sass.tensor_core_instructions(Path(f.name), _tool("cuobjdump")).values())
+
+
 def _spill_bytes(ptx: str, arch: str) -> int:
     """Spill stores + loads reported by ptxas -v (Triton's own ptxas flags)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -220,7 +234,8 @@ def _row(job_index: int) -> dict:
     spills = _spill_bytes(compiled.asm["ptx"], arch) if stack else 0
     row = {"kernel": name, "config": config, "target": f"sm_{capability}", "registers": usage["REG"],
            "spills": spills, "stack": stack,
-           "shared": compiled.metadata.shared + usage.get("SHARED", 0)}
+           "shared": compiled.metadata.shared + usage.get("SHARED", 0),
+           "tensor_cores": _tensor_core_instructions(compiled.asm["cubin"])}
     if "__nv_" in compiled.asm["llir"]:
         row["problem"] = "calls libdevice"
     return row

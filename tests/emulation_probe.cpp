@@ -2,7 +2,10 @@
 // test_cuda_backend.py: a block reduction through shared memory and __syncthreads,
 // warp shuffles (down, up, broadcast), a ballot and atomics; then a divergent barrier
 // and an invalid launch, which must be reported as errors; then half-precision
-// rounding. Prints `name value...` lines that the test compares with Python.
+// rounding; then the warp matrix functions (nvcuda::wmma): a 32×32 product of two
+// warps in fp16, bf16 and tf32, a misaligned fragment pointer and a warp whose lanes
+// do not all call mma_sync (both errors). Prints `name value...` lines that the test
+// compares with Python.
 #include <cstdio>
 #include <stdexcept>
 #include <vector>
@@ -55,6 +58,53 @@ __global__ void divergent_barrier_kernel(int* out) {
   out[threadIdx.x] = 1;
 }
 
+namespace wmma = nvcuda::wmma;
+constexpr int kSide = 32;  // the product: [32, 32] = [32, 32] · [32, 32], one 16 × 32 half per warp
+
+// c = a · b with a row-major, b column-major, for fragment element T (k = K per mma).
+template <typename T, typename Storage, int K>
+__global__ void wmma_product_kernel(const Storage* a, const Storage* b, float* c) {
+  const int warp = threadIdx.x / 32;
+  for (int j = 0; j < kSide / 16; ++j) {
+    wmma::fragment<wmma::accumulator, 16, 16, K, float> acc;
+    wmma::fill_fragment(acc, 0.0f);
+    for (int k = 0; k < kSide; k += K) {
+      wmma::fragment<wmma::matrix_a, 16, 16, K, T, wmma::row_major> fa;
+      wmma::fragment<wmma::matrix_b, 16, 16, K, T, wmma::col_major> fb;
+      wmma::load_matrix_sync(fa, a + 16 * warp * kSide + k, kSide);
+      wmma::load_matrix_sync(fb, b + 16 * j * kSide + k, kSide);
+      wmma::mma_sync(acc, fa, fb, acc);
+    }
+    wmma::store_matrix_sync(c + 16 * warp * kSide + 16 * j, acc, kSide, wmma::mem_row_major);
+  }
+}
+
+__global__ void wmma_misaligned_kernel(const float* a, float* c) {
+  wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc;
+  wmma::load_matrix_sync(acc, a + 1, 16, wmma::mem_row_major);  // 4 bytes past a 32-byte boundary
+  wmma::store_matrix_sync(c, acc, 16, wmma::mem_row_major);
+}
+
+// Lane 0 skips the product: undefined on a GPU, an error here.
+__global__ void wmma_divergent_kernel(const float* a, float* c) {
+  wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc;
+  wmma::fill_fragment(acc, 0.0f);
+  if (threadIdx.x != 0) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> fa;
+    wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> fb;
+    wmma::load_matrix_sync(fa, a, 16);
+    wmma::load_matrix_sync(fb, a, 16);
+    wmma::mma_sync(acc, fa, fb, acc);
+  }
+  wmma::store_matrix_sync(c, acc, 16, wmma::mem_row_major);
+}
+
+void print_floats(const char* name, const std::vector<float>& values) {
+  std::printf("%s", name);
+  for (float v : values) std::printf(" %.9g", v);
+  std::printf("\n");
+}
+
 void print_ints(const char* name, const std::vector<int>& values) {
   std::printf("%s", name);
   for (int v : values) std::printf(" %d", v);
@@ -99,5 +149,52 @@ int main() {
   }
   print_ints("half_bits", half_bits);
   print_ints("bfloat16_bits", bfloat_bits);
+
+  // Operands: a[i][k] = ((7i + 3k) mod 23 - 11) / 8 and b (column-major) b[j][k] =
+  // ((5j + 11k) mod 19 - 9) / 16 + 2^-12 (exact in bf16 only without the 2^-12 term,
+  // which tf32 truncation must drop when not rounded: the test knows).
+  std::vector<float> a(kSide * kSide), b(kSide * kSide);
+  for (int i = 0; i < kSide; ++i)
+    for (int k = 0; k < kSide; ++k) {
+      a[i * kSide + k] = float((7 * i + 3 * k) % 23 - 11) / 8.0f;
+      b[i * kSide + k] = float((5 * i + 11 * k) % 19 - 9) / 16.0f + 1.0f / 4096.0f;
+    }
+  alignas(32) static __half a_half[kSide * kSide], b_half[kSide * kSide];
+  alignas(32) static __nv_bfloat16 a_bf16[kSide * kSide], b_bf16[kSide * kSide];
+  alignas(32) static float a_tf32[kSide * kSide], b_tf32[kSide * kSide], b_raw[kSide * kSide], c[kSide * kSide];
+  for (int e = 0; e < kSide * kSide; ++e) {
+    a_half[e] = __float2half_rn(a[e]);
+    b_half[e] = __float2half_rn(b[e]);
+    a_bf16[e] = __float2bfloat16_rn(a[e]);
+    b_bf16[e] = __float2bfloat16_rn(b[e]);
+    a_tf32[e] = wmma::__float_to_tf32(a[e]);
+    b_tf32[e] = wmma::__float_to_tf32(b[e]);
+    b_raw[e] = b[e];
+  }
+  PROTOSEG_LAUNCH((wmma_product_kernel<__half, __half, 16>), dim3(1), dim3(64), nullptr, a_half, b_half, c);
+  print_floats("wmma_fp16", std::vector<float>(c, c + kSide * kSide));
+  PROTOSEG_LAUNCH((wmma_product_kernel<__nv_bfloat16, __nv_bfloat16, 16>), dim3(1), dim3(64), nullptr, a_bf16, b_bf16,
+                  c);
+  print_floats("wmma_bf16", std::vector<float>(c, c + kSide * kSide));
+  PROTOSEG_LAUNCH((wmma_product_kernel<wmma::precision::tf32, float, 8>), dim3(1), dim3(64), nullptr, a_tf32, b_tf32,
+                  c);
+  print_floats("wmma_tf32", std::vector<float>(c, c + kSide * kSide));
+  PROTOSEG_LAUNCH((wmma_product_kernel<wmma::precision::tf32, float, 8>), dim3(1), dim3(64), nullptr, a_tf32, b_raw,
+                  c);
+  print_floats("wmma_tf32_unrounded", std::vector<float>(c, c + kSide * kSide));
+  print_floats("tf32_rounding", {wmma::__float_to_tf32(1.0f + 1.0f / 4096.0f), wmma::__float_to_tf32(1.0f + 1.0f / 2048.0f),
+                                 wmma::__float_to_tf32(-(1.0f + 3.0f / 4096.0f))});
+  try {
+    PROTOSEG_LAUNCH(wmma_misaligned_kernel, dim3(1), dim3(32), nullptr, a_tf32, c);
+    std::printf("wmma_misaligned no error\n");
+  } catch (const std::runtime_error& error) {
+    std::printf("wmma_misaligned error: %s\n", error.what());
+  }
+  try {
+    PROTOSEG_LAUNCH(wmma_divergent_kernel, dim3(1), dim3(32), nullptr, a_tf32, c);
+    std::printf("wmma_divergent no error\n");
+  } catch (const std::runtime_error& error) {
+    std::printf("wmma_divergent error: %s\n", error.what());
+  }
   return 0;
 }

@@ -7,6 +7,7 @@ compare ``cuda_emulated`` with the reference for every op (docs/spec.md §5)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -124,6 +125,40 @@ def test_emulated_half_types_round_like_torch(probe_output):
         assert torch.equal(_ints(probe_output[name]), expected), name
 
 
+def _tf32(values: torch.Tensor, rounded: bool) -> torch.Tensor:
+    """fp32 values as a tensor core reads them: rounded to nearest, ties away (cvt.rna),
+    or truncated (a value not converted)."""
+    bits = values.to(torch.float32).view(torch.int32)
+    bits = (bits + 0x1000 if rounded else bits) & ~0x1FFF
+    return bits.view(torch.float32)
+
+
+def test_emulated_wmma_products_match_the_rounded_operands(probe_output):
+    side = 32
+    i, k = torch.arange(side).view(-1, 1), torch.arange(side).view(1, -1)
+    a = (((7 * i + 3 * k) % 23) - 11).to(torch.float32) / 8
+    b = (((5 * i + 11 * k) % 19) - 9).to(torch.float32) / 16 + 2.0**-12  # b[j][k]: column j of the product
+    operands = {"wmma_fp16": (a.half(), b.half()), "wmma_bf16": (a.bfloat16(), b.bfloat16()),
+                "wmma_tf32": (_tf32(a, True), _tf32(b, True)),
+                "wmma_tf32_unrounded": (_tf32(a, True), _tf32(b, False))}  # mma_sync truncates b
+    for name, (fa, fb) in operands.items():
+        expected = fa.double() @ fb.double().T
+        got = torch.tensor([float(v) for v in probe_output[name].split()], dtype=torch.float64).view(side, side)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6, msg=name)
+    # the two tf32 products differ: truncation is not rounding
+    assert not torch.allclose(_floats(probe_output["wmma_tf32"]), _floats(probe_output["wmma_tf32_unrounded"]))
+    assert probe_output["tf32_rounding"].split() == ["1", "1.00097656", "-1.00097656"]
+
+
+def _floats(text: str) -> torch.Tensor:
+    return torch.tensor([float(v) for v in text.split()])
+
+
+def test_emulated_wmma_refuses_misaligned_and_divergent_fragments(probe_output):
+    assert "256-bit aligned" in probe_output["wmma_misaligned"]
+    assert "not all of them called it" in probe_output["wmma_divergent"]
+
+
 # ---- memory: never N·C·K -------------------------------------------------------------
 
 def test_emulated_kernels_never_allocate_n_c_k():
@@ -177,6 +212,58 @@ def test_kernel_report_parses_ptxas_and_names_kernels():
                  "::PpcPpdGradient<float>>(protoseg::cuda::SimilarityOperands<__nv_bfloat16, float>, long)")
     assert report.describe(demangled) == ("grad_p_kernel<PpcPpdGradient>", "bf16")
     assert report.describe("protoseg::cuda::(anonymous namespace)::scan_kernel(long const*)") == ("scan_kernel", "-")
+    tensor_core = ("void protoseg::cuda::grad_c_kernel<float, float, protoseg::cuda::(anonymous namespace)::"
+                   "ContrastGradient<float>, (protoseg::cuda::TileMath)1>(protoseg::cuda::SimilarityOperands<float, "
+                   "float>, long)")
+    assert report.describe(tensor_core) == ("grad_c_kernel<ContrastGradient>", "fp32/tc")
+    assert report.describe(tensor_core.replace("TileMath)1", "TileMath)0"))[1] == "fp32/fma"
+
+
+SASS = """
+        Function : _Z4gemmv
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*03b0*/                   HMMA.16816.F32.BF16 R4, R8.reuse, R4, RZ ;
+        /*03c0*/              @!P0 HMMA.1684.F32.TF32 R12, R16.reuse, R14, RZ ;
+        /*03d0*/                   HFMA2.MMA R2, -RZ, RZ, 0, 0 ;
+        /*03e0*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ ;
+        Function : _Z4scanv
+        /*0000*/                   HFMA2.MMA R2, -RZ, RZ, 0, 0 ;
+"""
+
+
+def test_kernel_report_counts_tensor_core_instructions_and_flags_gemm_kernels_without_them():
+    from benchmarks import kernel_report_cuda as report
+    from benchmarks import sass
+
+    # HMMA (predicated or not) and HGMMA count; HFMA2.MMA is a plain FMA on the MMA pipe.
+    assert sass.count_tensor_core_instructions(SASS) == {"_Z4gemmv": 3, "_Z4scanv": 0}
+    rows = [{"kernel": "grad_x_kernel<Rule>", "config": f"{e}/tc", "target": t, "tensor_cores": 8}
+            for e in ("fp16", "bf16", "fp32") for t in ("sm_80", "sm_90")]
+    rows.append({"kernel": "grad_x_kernel<Rule>", "config": "fp64/fma", "target": "sm_80", "tensor_cores": 0})
+    assert report.gemm_problems(rows) == []
+    rows[0]["tensor_cores"] = 0  # a tensor-core instantiation without tensor-core code
+    del rows[3]                  # bf16 on sm_90 missing
+    problems = report.gemm_problems(rows)
+    assert [(p["config"], p["target"], p["problem"]) for p in problems] == [
+        ("fp16/tc", "sm_80", "a tensor-core instantiation without tensor-core instructions"),
+        ("bf16/tc", "sm_90", "no tensor-core instantiation")]
+
+
+def test_real_extension_binary_holds_sm80_and_sm90_code():
+    """The architectures in the built binary itself, not only in the build record (torch adds
+    no -gencode flags once an nvcc flag mentions an arch: setup.py writes them)."""
+    require_cuda_build()
+    from benchmarks import sass
+
+    tool = sass.find_cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump to list the binary's code")
+    import protoseg_kernels._C as extension
+
+    listing = subprocess.run([tool, "--list-elf", extension.__file__], capture_output=True, text=True,
+                             check=True).stdout
+    found = set(re.findall(r"\.(sm_\d+)\.cubin", listing))
+    assert {"sm_80", "sm_90"} <= found, listing
 
 
 # ---- on a GPU ------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def test_missing_dependency_of_a_collector_is_an_error(monkeypatch):
 
 def test_table_lists_every_column():
     row = {"kernel": "k", "config": "bf16 BN64", "target": "sm_90", "registers": 128, "spills": 0, "stack": 0,
-           "shared": 1024}
+           "shared": 1024, "tensor_cores": 12}
     lines = kernel_report.format_table([row]).splitlines()
     assert lines[0].split() == list(kernel_report.COLUMNS)
-    assert lines[2].split() == ["k", "bf16", "BN64", "sm_90", "128", "0", "0", "1024"]
+    assert lines[2].split() == ["k", "bf16", "BN64", "sm_90", "128", "0", "0", "1024", "12"]

@@ -12,6 +12,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 #endif
 
 // PROTOSEG_LAUNCH(kernel, grid, block, stream, args...): launch `kernel` on `stream`

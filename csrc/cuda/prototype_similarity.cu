@@ -5,7 +5,7 @@
 
 #include "cuda/kernels.h"
 #include "cuda/similarity_backward.cuh"
-#include "cuda/similarity_tile.cuh"
+#include "cuda/similarity_block.cuh"
 
 namespace protoseg::cuda {
 namespace {
@@ -13,24 +13,21 @@ namespace {
 constexpr const char* kForward = "similarity_forward";
 constexpr const char* kBackward = "similarity_backward";
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, TileMath math>
 __global__ void __launch_bounds__(kTileThreads, kTileBlocksPerSm)
     similarity_kernel(SimilarityOperands<scalar_t, acc_t> ops, scalar_t* similarity) {
-  constexpr int kTile = TileConfig<acc_t>::kTile;
-  constexpr int kMicro = TileConfig<acc_t>::kMicro;
-  __shared__ DepthSlices<acc_t> slices;
+  // Consecutive threads write consecutive columns of a row: a row-major tile.
+  using Tiles = BlockSimilarity<scalar_t, acc_t, math, nvcuda::wmma::mem_row_major>;
+  constexpr int kTile = Tiles::kTile;
+  __shared__ typename Tiles::Storage storage;
   const int64_t row0 = int64_t(blockIdx.x) * kTile;
   const int64_t col0 = int64_t(blockIdx.y) * kTile;
-  MicroTile<acc_t> acc;
-  similarity_micro_tile(ops, row0, col0, slices, acc);
-#pragma unroll
-  for (int i = 0; i < kMicro; ++i) {
-    const int64_t row = row0 + micro_row(i);
-    if (row >= ops.rows.count) continue;
-#pragma unroll
-    for (int j = 0; j < kMicro; ++j) {
-      const int64_t col = col0 + micro_col(j);
-      if (col < ops.columns.count) similarity[row * ops.columns.count + col] = from_acc<scalar_t>(acc.v[i][j]);
+  Tiles::compute(ops, row0, col0, storage);
+  for (int e = threadIdx.x; e < kTile * kTile; e += kTileThreads) {
+    const int r = e / kTile, c = e % kTile;
+    const int64_t row = row0 + r, col = col0 + c;
+    if (row < ops.rows.count && col < ops.columns.count) {
+      similarity[row * ops.columns.count + col] = from_acc<scalar_t>(Tiles::at(storage, r, c));
     }
   }
 }
@@ -72,8 +69,10 @@ at::Tensor similarity_forward(const at::Tensor& x_arg, const at::Tensor& prototy
     const dim3 col_tiles = grid_for(prepared.ops.columns.count, kTile);
     TORCH_CHECK(col_tiles.x <= 65535u, kForward, ": too many prototypes (C·K = ", prepared.ops.columns.count, ")");
     const dim3 grid(grid_for(n, kTile).x, col_tiles.x);
-    PROTOSEG_LAUNCH((similarity_kernel<scalar_t, acc_t>), grid, dim3(kTileThreads), scope.stream(), prepared.ops,
-                    mutable_data<scalar_t>(similarity));
+    with_tile_math<scalar_t>(prepared.ops.math, [&](auto math) {
+      PROTOSEG_LAUNCH((similarity_kernel<scalar_t, acc_t, decltype(math)::value>), grid, dim3(kTileThreads),
+                      scope.stream(), prepared.ops, mutable_data<scalar_t>(similarity));
+    });
   });
   return similarity;
 }

@@ -5,7 +5,8 @@
 //   dĈ = dSᵀ · x̂  (grad_c_kernel: a block owns kTile columns and one split of the
 //                  rows; splits are summed in a fixed order afterwards)
 //
-// then through the normalisation (finalize_rows_kernel); when the columns are the rows
+// on tensor cores in tf32 or on FMA units (tile_math.cuh), then through the
+// normalisation (finalize_rows_kernel); when the columns are the rows
 // themselves (in-batch contrast), one gradient of both roles, dS·x̂ + dSᵀ·x̂
 // (similarity_backward_both_roles_from_rule). dS is recomputed tile by
 // tile from S (never stored: nothing of size N·M), and every sum runs in a fixed
@@ -25,6 +26,8 @@
 #pragma once
 
 #include "cuda/similarity_tile.cuh"
+#include "cuda/tensor_core_tile.cuh"
+#include "cuda/tile_math.cuh"
 #include "cuda/warp_reduce.cuh"
 
 namespace protoseg::cuda {
@@ -73,10 +76,10 @@ PROTOSEG_DEVICE void accumulate_rows(acc_t* out, int64_t rows, int64_t d, int64_
 }
 
 // grad_x_hat [n, d] = dS · Ĉ for the kTile rows of this block (rows owned by the
-// block: plain read-modify-write, no atomics).
+// block: plain read-modify-write, no atomics), on FMA units.
 template <typename scalar_t, typename acc_t, typename Rule>
-__global__ void __launch_bounds__(kTileThreads, kTileBlocksPerSm)
-    grad_x_kernel(SimilarityOperands<scalar_t, acc_t> ops, typename Rule::Params params, acc_t* grad_x_hat) {
+PROTOSEG_DEVICE void grad_x_fma(const SimilarityOperands<scalar_t, acc_t>& ops, const typename Rule::Params& params,
+                                acc_t* grad_x_hat) {
   constexpr int kTile = TileConfig<acc_t>::kTile;
   constexpr int kMicro = TileConfig<acc_t>::kMicro;
   __shared__ DepthSlices<acc_t> slices;
@@ -112,11 +115,10 @@ __global__ void __launch_bounds__(kTileThreads, kTileBlocksPerSm)
 }
 
 // partial[split] [m, d] = dSᵀ · x̂ over the row tiles of this split, for the kTile
-// columns of this block.
+// columns of this block, on FMA units.
 template <typename scalar_t, typename acc_t, typename Rule>
-__global__ void __launch_bounds__(kTileThreads, kTileBlocksPerSm)
-    grad_c_kernel(SimilarityOperands<scalar_t, acc_t> ops, typename Rule::Params params, acc_t* partial,
-                  int64_t tiles_per_split) {
+PROTOSEG_DEVICE void grad_c_fma(const SimilarityOperands<scalar_t, acc_t>& ops, const typename Rule::Params& params,
+                                acc_t* partial, int64_t tiles_per_split) {
   constexpr int kTile = TileConfig<acc_t>::kTile;
   constexpr int kMicro = TileConfig<acc_t>::kMicro;
   __shared__ DepthSlices<acc_t> slices;
@@ -153,6 +155,129 @@ __global__ void __launch_bounds__(kTileThreads, kTileBlocksPerSm)
       }
       accumulate_rows(out, ops.columns.count, ops.d, col0, k0, acc, t == first_tile);
     }
+  }
+}
+
+// The tensor-core versions. dS, times the inverse norm of the side being summed over,
+// and the raw operand tile go through shared memory into tf32 wmma fragments; each
+// product lands in the stage buffer and is added to the output rows from there. For
+// fp16 / bf16 inputs the raw operand is exact in tf32 and dS runs as two tf32 halves,
+// so the gradient is as accurate as with fp32 FMA; fp32 inputs (TF32 allowed) run one
+// tf32 product.
+template <typename scalar_t>
+constexpr bool kSplitGradient = kAlwaysTensorCores<scalar_t>;
+
+// Which inverse norm the gradient tile carries: the columns' (for dS·Ĉ = (dS·diag(1/‖c‖))·C)
+// or the rows' (for dSᵀ·x̂).
+enum class FoldedScale { kColumns, kRows };
+
+// grad_s.v[r][c] = rule(row0 + r, column col0 + c, S) · the folded inverse norm, in fp32,
+// zero outside [n, m). The caller synchronises before reading grad_s.
+template <FoldedScale fold, typename scalar_t, typename acc_t, typename Rule>
+PROTOSEG_DEVICE void gradient_tile_tc(const SimilarityOperands<scalar_t, acc_t>& ops, const Rule& rule, int64_t row0,
+                                      int64_t col0, tc::Slices<scalar_t>& slices, tc::FloatTile& grad_s) {
+  const bool with_similarity = rule.needs_similarity();  // uniform over the block
+  if (with_similarity) tc::similarity_tile(ops, row0, col0, slices, grad_s, nvcuda::wmma::mem_row_major);
+#pragma unroll 1  // one rule evaluation live at a time: a heavy rule would spill if unrolled
+  for (int e = threadIdx.x; e < tc::kTile * tc::kTile; e += kTileThreads) {
+    const int r = e / tc::kTile, c = e % tc::kTile;
+    const int64_t row = row0 + r, col = col0 + c;
+    const bool inside = row < ops.rows.count && col < ops.columns.count;
+    const acc_t s = with_similarity ? grad_s.v[r][c] : acc_t(0);
+    const acc_t scale = fold == FoldedScale::kColumns ? ops.columns.scale(col) : ops.rows.scale(row);
+    grad_s.v[r][c] = inside ? rule(row, ops.column(col), s) * scale : 0.0f;
+  }
+}
+
+// out[row0 + r, k0 + c] (+)= tile.v[r][c] inside [rows, d); `first` overwrites.
+PROTOSEG_DEVICE void accumulate_tile_rows(float* out, int64_t rows, int64_t d, int64_t row0, int64_t k0,
+                                          const tc::FloatTile& tile, bool first) {
+  for (int e = threadIdx.x; e < tc::kTile * tc::kTile; e += kTileThreads) {
+    const int r = e / tc::kTile, c = e % tc::kTile;
+    const int64_t row = row0 + r, col = k0 + c;
+    if (row >= rows || col >= d) continue;
+    float* target = out + row * d + col;
+    *target = first ? tile.v[r][c] : *target + tile.v[r][c];
+  }
+}
+
+// out rows [row0, row0 + kTile) (+)= A · B_k0 for k0 = 0, kTile, ... over the features,
+// B_k0 = the raw rows of `operand` from feature k0, A = grad_s (ALayout row_major) or
+// its transpose (col_major).
+template <typename ALayout, bool kSplitA, typename scalar_t, typename acc_t>
+PROTOSEG_DEVICE void product_rows_tc(const tc::FloatTile& grad_s, const Vectors<scalar_t, acc_t>& operand,
+                                     int64_t operand_first, tc::FloatTile& stage, float* out, int64_t rows, int64_t d,
+                                     int64_t row0, bool first) {
+  for (int64_t k0 = 0; k0 < d; k0 += tc::kTile) {
+    __syncthreads();  // grad_s is written; the previous product has been added
+    tc::stage_rows_tf32(operand, d, operand_first, k0, stage);
+    __syncthreads();
+    tc::Accumulator acc[tc::kWarpFragments];
+    for (auto& a : acc) nvcuda::wmma::fill_fragment(a, 0.0f);
+    tc::accumulate_product<ALayout, kSplitA>(grad_s, stage, acc);
+    __syncthreads();  // every warp has read the operand tile
+    tc::store_accumulators(acc, stage);
+    __syncthreads();
+    accumulate_tile_rows(out, rows, d, row0, k0, stage, first);
+  }
+}
+
+template <typename scalar_t, typename acc_t, typename Rule>
+PROTOSEG_DEVICE void grad_x_tc(const SimilarityOperands<scalar_t, acc_t>& ops, const typename Rule::Params& params,
+                               acc_t* grad_x_hat) {
+  __shared__ tc::FloatTile grad_s;                // [row][column]
+  __shared__ tc::SlicesOrTile<scalar_t> stage;   // S's slices, then C [column][feature], then the product
+  const Rule rule(params);
+  const int64_t row0 = int64_t(blockIdx.x) * tc::kTile;
+  for (int64_t col0 = 0; col0 < ops.columns.count; col0 += tc::kTile) {
+    __syncthreads();  // the previous step's tiles have been consumed
+    gradient_tile_tc<FoldedScale::kColumns>(ops, rule, row0, col0, stage.slices(), grad_s);
+    product_rows_tc<nvcuda::wmma::row_major, kSplitGradient<scalar_t>>(
+        grad_s, ops.columns, col0, stage.tile(), grad_x_hat, ops.rows.count, ops.d, row0, col0 == 0);
+  }
+}
+
+template <typename scalar_t, typename acc_t, typename Rule>
+PROTOSEG_DEVICE void grad_c_tc(const SimilarityOperands<scalar_t, acc_t>& ops, const typename Rule::Params& params,
+                               acc_t* partial, int64_t tiles_per_split) {
+  __shared__ tc::FloatTile grad_s;                // [row][column]
+  __shared__ tc::SlicesOrTile<scalar_t> stage;   // S's slices, then x [row][feature], then the product
+  const Rule rule(params);
+  const int64_t col0 = int64_t(blockIdx.x) * tc::kTile;
+  const int64_t row_tiles = (ops.rows.count + tc::kTile - 1) / tc::kTile;
+  const int64_t first_tile = int64_t(blockIdx.y) * tiles_per_split;
+  const int64_t end_tile = first_tile + tiles_per_split < row_tiles ? first_tile + tiles_per_split : row_tiles;
+  acc_t* out = partial + int64_t(blockIdx.y) * ops.columns.count * ops.d;
+  for (int64_t t = first_tile; t < end_tile; ++t) {
+    const int64_t row0 = t * tc::kTile;
+    __syncthreads();
+    gradient_tile_tc<FoldedScale::kRows>(ops, rule, row0, col0, stage.slices(), grad_s);
+    // A = dSᵀ: grad_s read column-major.
+    product_rows_tc<nvcuda::wmma::col_major, kSplitGradient<scalar_t>>(
+        grad_s, ops.rows, row0, stage.tile(), out, ops.columns.count, ops.d, col0, t == first_tile);
+  }
+}
+
+// The kernels: one block's share of dS·Ĉ (grad_x) or of a row split of dSᵀ·x̂ (grad_c),
+// on the math chosen for the launch.
+template <typename scalar_t, typename acc_t, typename Rule, TileMath math>
+__global__ void __launch_bounds__(kTileThreads, kTileBlocksPerSm)
+    grad_x_kernel(SimilarityOperands<scalar_t, acc_t> ops, typename Rule::Params params, acc_t* grad_x_hat) {
+  if constexpr (math == TileMath::kTensorCore) {
+    grad_x_tc<scalar_t, acc_t, Rule>(ops, params, grad_x_hat);
+  } else {
+    grad_x_fma<scalar_t, acc_t, Rule>(ops, params, grad_x_hat);
+  }
+}
+
+template <typename scalar_t, typename acc_t, typename Rule, TileMath math>
+__global__ void __launch_bounds__(kTileThreads, kTileBlocksPerSm)
+    grad_c_kernel(SimilarityOperands<scalar_t, acc_t> ops, typename Rule::Params params, acc_t* partial,
+                  int64_t tiles_per_split) {
+  if constexpr (math == TileMath::kTensorCore) {
+    grad_c_tc<scalar_t, acc_t, Rule>(ops, params, partial, tiles_per_split);
+  } else {
+    grad_c_fma<scalar_t, acc_t, Rule>(ops, params, partial, tiles_per_split);
   }
 }
 
@@ -212,8 +337,10 @@ inline RowSplits column_grad_row_splits(int64_t n, int64_t m, int64_t tile) {
 template <typename Rule, typename scalar_t, typename acc_t>
 void launch_row_gradient(const SimilarityOperands<scalar_t, acc_t>& ops, const typename Rule::Params& params,
                          acc_t* out, cudaStream_t stream) {
-  PROTOSEG_LAUNCH((grad_x_kernel<scalar_t, acc_t, Rule>), grid_for(ops.rows.count, TileConfig<acc_t>::kTile),
-                  dim3(kTileThreads), stream, ops, params, out);
+  with_tile_math<scalar_t>(ops.math, [&](auto math) {
+    PROTOSEG_LAUNCH((grad_x_kernel<scalar_t, acc_t, Rule, decltype(math)::value>),
+                    grid_for(ops.rows.count, TileConfig<acc_t>::kTile), dim3(kTileThreads), stream, ops, params, out);
+  });
 }
 
 // partial [splits.count, m, d] = dSᵀ · x̂ per row split, in acc_t (n, m > 0).
@@ -221,8 +348,10 @@ template <typename Rule, typename scalar_t, typename acc_t>
 void launch_column_gradient(const SimilarityOperands<scalar_t, acc_t>& ops, const typename Rule::Params& params,
                             RowSplits splits, acc_t* partial, cudaStream_t stream) {
   const dim3 grid(grid_for(ops.columns.count, TileConfig<acc_t>::kTile).x, static_cast<unsigned int>(splits.count));
-  PROTOSEG_LAUNCH((grad_c_kernel<scalar_t, acc_t, Rule>), grid, dim3(kTileThreads), stream, ops, params, partial,
-                  splits.tiles_per_split);
+  with_tile_math<scalar_t>(ops.math, [&](auto math) {
+    PROTOSEG_LAUNCH((grad_c_kernel<scalar_t, acc_t, Rule, decltype(math)::value>), grid, dim3(kTileThreads), stream, ops,
+                    params, partial, splits.tiles_per_split);
+  });
 }
 
 // grad [rows, d] = the fixed-order sum of the `splits` slices of partial, through the

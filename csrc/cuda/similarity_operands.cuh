@@ -22,6 +22,7 @@
 
 #include "cuda/host.h"
 #include "cuda/row_norms.cuh"
+#include "cuda/tile_math.cuh"
 
 namespace protoseg::cuda {
 
@@ -53,6 +54,7 @@ struct SimilarityOperands {
   Vectors<scalar_t, acc_t> columns;  // [m, d]
   const int64_t* column_labels;      // [m], or null
   int64_t d;
+  TileMath math;                     // chosen on the host (tile_math.cuh); kernels take it as a template argument
 
   // Column j (< m) with its label. Every thread of a warp reads the same label (a
   // broadcast); a client that ignores labels compiles the load away.
@@ -98,6 +100,7 @@ PreparedOperands<scalar_t, acc_t> prepare_operands(const at::Tensor& x, const at
   ops.columns = Vectors<scalar_t, acc_t>{data<scalar_t>(columns), data_if_defined<acc_t>(prepared.column_inverse), m};
   ops.column_labels = column_labels.defined() ? data<int64_t>(column_labels) : nullptr;
   ops.d = d;
+  ops.math = tile_math_for<scalar_t>();
   return prepared;
 }
 

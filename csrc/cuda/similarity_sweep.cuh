@@ -2,7 +2,8 @@
 // to a few values per row (class scores, PPC/PPD; a label-masked log-sum-exp over a
 // memory bank, docs/spec.md §10): a block owns kTile rows and sweeps over all columns in tiles
 // of kTile, like the key loop of FlashAttention. Each similarity tile goes through
-// shared memory to one thread per row, which feeds the tile's columns in column order
+// shared memory (on tensor cores or FMA units: similarity_block.cuh) to one thread per
+// row, which feeds the tile's columns in column order
 // to a per-row Visitor kept in registers across tiles. Nothing of size N·M exists.
 //
 // Visitor concept (the op's side; the engine never looks inside Params):
@@ -23,16 +24,17 @@
 // which need the negatives' sum first) are two sweeps with two visitors.
 #pragma once
 
-#include "cuda/similarity_tile.cuh"
+#include "cuda/similarity_block.cuh"
 
 namespace protoseg::cuda {
 
-template <typename scalar_t, typename acc_t, typename Visitor>
+template <typename scalar_t, typename acc_t, typename Visitor, TileMath math>
 __global__ void __launch_bounds__(kTileThreads, kTileBlocksPerSm)
     similarity_sweep_kernel(SimilarityOperands<scalar_t, acc_t> ops, typename Visitor::Params params) {
-  constexpr int kTile = TileConfig<acc_t>::kTile;
-  __shared__ DepthSlices<acc_t> slices;
-  __shared__ SharedTile<acc_t> tile;
+  // One thread per row walks the tile's columns: a column-major tile keeps its reads conflict-free.
+  using Tiles = BlockSimilarity<scalar_t, acc_t, math, nvcuda::wmma::mem_col_major>;
+  constexpr int kTile = Tiles::kTile;
+  __shared__ typename Tiles::Storage storage;
 
   const int local_row = threadIdx.x;
   const int64_t row0 = int64_t(blockIdx.x) * kTile;
@@ -40,26 +42,25 @@ __global__ void __launch_bounds__(kTileThreads, kTileBlocksPerSm)
   Visitor visitor(params, owns_row ? row0 + local_row : int64_t(-1));
 
   for (int64_t col0 = 0; col0 < ops.columns.count; col0 += kTile) {
-    MicroTile<acc_t> acc;
-    similarity_micro_tile(ops, row0, col0, slices, acc);
-    store_micro_tile(acc, tile);
-    __syncthreads();
+    Tiles::compute(ops, row0, col0, storage);
     if (owns_row) {
       const int64_t remaining = ops.columns.count - col0;
       const int cols = remaining < kTile ? int(remaining) : kTile;
-      for (int c = 0; c < cols; ++c) visitor.visit(ops.column(col0 + c), tile[local_row][c]);
+      for (int c = 0; c < cols; ++c) visitor.visit(ops.column(col0 + c), Tiles::at(storage, local_row, c));
     }
     __syncthreads();  // the tile is read before the next sweep step overwrites it
   }
   if (owns_row) visitor.finish();
 }
 
-// Runs the sweep of Visitor over every row of the operands.
+// Runs the sweep of Visitor over every row of the operands, on the math of ops.
 template <typename scalar_t, typename acc_t, typename Visitor>
 void launch_similarity_sweep(const SimilarityOperands<scalar_t, acc_t>& ops, const typename Visitor::Params& params,
                              cudaStream_t stream) {
-  PROTOSEG_LAUNCH((similarity_sweep_kernel<scalar_t, acc_t, Visitor>),
-                  grid_for(ops.rows.count, TileConfig<acc_t>::kTile), dim3(kTileThreads), stream, ops, params);
+  with_tile_math<scalar_t>(ops.math, [&](auto math) {
+    PROTOSEG_LAUNCH((similarity_sweep_kernel<scalar_t, acc_t, Visitor, decltype(math)::value>),
+                    grid_for(ops.rows.count, TileConfig<acc_t>::kTile), dim3(kTileThreads), stream, ops, params);
+  });
 }
 
 }  // namespace protoseg::cuda

@@ -82,6 +82,8 @@ namespace protoseg::emulation {
 
 constexpr unsigned int kFullMask = 0xffffffffu;
 constexpr int kWarpSize = 32;
+// Floats of one warp's matrix buffer: the a and b operands of a 16×16×16 wmma::mma_sync.
+constexpr int kMatrixSlots = 2 * 16 * 16;
 
 // Thrown inside a kernel thread for a construct the emulation refuses; the launch
 // turns it into a std::runtime_error on the calling thread.
@@ -96,6 +98,7 @@ struct Warp {
   explicit Warp(int lanes) : barrier(lanes) {}
   std::barrier<> barrier;
   std::array<std::array<std::uint64_t, kWarpSize>, 2> slots{};
+  std::array<std::array<float, kMatrixSlots>, 2> matrices{};  // wmma operands (wmma_emulation.h)
 };
 
 // Per-block synchronisation state, rebuilt before every block.
@@ -133,6 +136,11 @@ inline void require_full_mask(unsigned int mask, const char* what) {
 // The exchange bank of the calling lane's next warp collective (counted per lane).
 inline std::array<std::uint64_t, kWarpSize>& next_bank() {
   return current_warp().slots[current.record->warp_collectives++ & 1];
+}
+
+// The matrix buffer of the calling lane's next warp collective (an mma_sync).
+inline std::array<float, kMatrixSlots>& next_matrix_bank() {
+  return current_warp().matrices[current.record->warp_collectives++ & 1];
 }
 
 // Every lane publishes `value` and reads lane `source`'s; `source` out of the warp
@@ -470,3 +478,6 @@ inline __nv_bfloat16 __float2bfloat16_rn(float value) {
   bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest, ties to even
   return __nv_bfloat16{std::uint16_t(bits >> 16)};
 }
+
+// ---- warp matrix functions (nvcuda::wmma) -------------------------------------------
+#include "emulation/wmma_emulation.h"
