@@ -86,3 +86,30 @@ def test_in_batch_client_with_rows_as_columns(probe):
     labels = torch.randint(0, 4, (90,), generator=generator)
     labels[::11] = IGNORE  # ignored rows take no part as columns
     run_case(probe, x, x, labels, labels, True, generator)
+
+
+def test_labelled_column_client_runs_on_tensor_cores_in_tf32(probe):
+    """The same client on the tensor-core tiles (TF32 allowed) with nothing changed in it:
+    tf32-accurate, and not the FMA result."""
+    n, m, d = SHAPES[-1]
+    generator = torch.Generator().manual_seed(77)
+    x, columns = torch.randn(n, d, generator=generator), torch.randn(m, d, generator=generator)
+    row_label = torch.randint(0, 3, (n,), generator=generator)
+    column_label = torch.randint(IGNORE, 3, (m,), generator=generator)
+    upstream = torch.randn(n, generator=generator)
+    before = torch.backends.cuda.matmul.allow_tf32
+    results = {}
+    try:
+        for allow in (False, True):
+            torch.backends.cuda.matmul.allow_tf32 = allow
+            lse = probe.forward(x, columns, row_label, column_label, IGNORE, True, TEMPERATURE)
+            finite = torch.isfinite(lse)
+            grads = probe.backward(torch.where(finite, upstream, 0.0), lse, x, columns, row_label, column_label,
+                                   IGNORE, True, TEMPERATURE)
+            results[allow] = (torch.where(finite, lse, 0.0), *grads)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    for fma, tf32 in zip(results[False], results[True]):
+        scale = float(fma.abs().max())
+        assert float((tf32 - fma).abs().max()) <= 1e-2 * scale  # tf32: 10 mantissa bits
+        assert not torch.equal(tf32, fma)

@@ -23,12 +23,13 @@
 #include "cuda/host.h"
 #include "cuda/numeric.cuh"
 #include "cuda/similarity_operands.cuh"
+#include "cuda/similarity_tile.cuh"
 
 namespace protoseg::cuda::tc {
 
 namespace wmma = nvcuda::wmma;
 
-constexpr int kThreads = 256;  // the engine's block (kTileThreads)
+constexpr int kThreads = kTileThreads;  // the engine's block
 constexpr int kTile = 64;
 constexpr int kDepth = 32;      // features per staged slice of the forward
 constexpr int kFragment = 16;   // fragment rows and columns
