@@ -16,9 +16,10 @@ a time limit of its own and its log in the results folder:
               bf16, without ``torch.compile`` (its compile time would eat the budget), each
               writing its results.json.
 
-``build-times.tsv`` keeps ninja's per-object compile times. ``summary.json`` lists every step with its status, wall time and log; the command fails
-if any step failed. A step that fails does not stop the later ones, except that nothing
-runs on a failed build. ``--dry-run`` runs the same plan on a machine without a GPU:
+``build-times.tsv`` keeps ninja's per-object compile times. ``summary.json`` lists every
+step with its status, wall time and log; the command fails if any step failed. A step that
+fails does not stop the later ones, except that nothing runs on a failed build.
+``--dry-run`` runs the same plan on a machine without a GPU:
 the environment probe, the build (in a scratch copy of the tree, for ``--arch``), the
 test collection (``--collect-only``), and the smoke benchmark suite on the CPU, so the
 orchestration and the build are checked before the GPU minutes are spent (its limits

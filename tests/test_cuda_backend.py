@@ -22,6 +22,7 @@ from conformance import (
     check_ppc_ppd_loss,
     check_prototype_similarity,
     check_sinkhorn_assign,
+    check_tree_min_loss,
     check_update_prototypes,
 )
 from conftest import _required_backends, require_backend
@@ -280,6 +281,7 @@ def _check_every_op(case: Case, dtype: torch.dtype, prototype_grad: bool) -> Non
     check_ppc_ppd_loss("cuda", case, dtype, prototype_grad=prototype_grad)
     check_sinkhorn_assign("cuda", case, dtype)
     check_update_prototypes("cuda", case, dtype)
+    check_tree_min_loss("cuda", case, dtype)
 
 
 @needs_gpu

@@ -13,6 +13,7 @@ from conformance import (
     check_ppc_ppd_loss,
     check_prototype_similarity,
     check_sinkhorn_assign,
+    check_tree_min_loss,
     check_update_prototypes,
 )
 from contrast_cases import ContrastCase, make_contrast_case
@@ -73,6 +74,11 @@ def test_sinkhorn_assign(preset_case, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_update_prototypes(preset_case, dtype):
     check_update_prototypes("triton", preset_case, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tree_min_loss(preset_case, dtype):
+    check_tree_min_loss("triton", preset_case, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
