@@ -72,6 +72,10 @@ _warned_fallbacks: set[str] = set()  # backends whose fallback was reported (onc
 
 # The use_backend choices in force, innermost last: per thread and per asyncio task.
 _overrides: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("protoseg_backend", default=())
+# Its mirror for torch.compile on torch before 2.14 (_current_overrides).
+_traced_overrides: tuple[str, ...] = ()
+_DYNAMO_TRACES_CONTEXTVARS = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14)
+_is_compiling = getattr(torch.compiler, "is_compiling", lambda: False)
 
 
 @functools.cache
@@ -110,16 +114,28 @@ def use_backend(name: str) -> Iterator[None]:
     The choice is read when an op is called; under ``torch.compile`` it is read
     once, at trace time. It applies to the calling thread (or asyncio task) only.
     """
+    global _traced_overrides
     token = _overrides.set(_overrides.get() + (_check_name(name, allow_auto=True),))
+    outer, _traced_overrides = _traced_overrides, _overrides.get()
     try:
         yield
     finally:
         _overrides.reset(token)
+        _traced_overrides = outer
+
+
+def _current_overrides() -> tuple[str, ...]:
+    """The use_backend stack of this thread; while Dynamo traces on a torch that cannot
+    trace ``ContextVar.get`` (before 2.14), the stack of the block entered last, a module
+    global that Dynamo guards on (a changed backend recompiles)."""
+    if not _DYNAMO_TRACES_CONTEXTVARS and _is_compiling():
+        return _traced_overrides
+    return _overrides.get()
 
 
 def requested_backend() -> str:
     """The backend name asked for right now: use_backend, else $PROTOSEG_BACKEND, else auto."""
-    overrides = _overrides.get()
+    overrides = _current_overrides()
     if overrides:
         return overrides[-1]
     name = os.environ.get(ENV_VAR, AUTO).strip() or AUTO

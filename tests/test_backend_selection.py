@@ -339,3 +339,26 @@ def test_an_extension_built_for_another_torch_is_refused_naming_both_versions():
     assert f"torch '1.13.0' (built) vs {torch.__version__!r} (running)" in lines[0]
     assert lines[1] == "False"
     assert "1.13.0" in lines[2] and torch.__version__ in lines[2]
+
+
+@pytest.mark.parametrize("dynamo_traces_contextvars", [True, False], ids=["contextvar", "mirror"])
+def test_compiled_code_follows_use_backend(monkeypatch, dynamo_traces_contextvars):
+    """Under torch.compile the backend is read at trace time and guarded: entering another
+    use_backend block recompiles. Before torch 2.14 Dynamo cannot trace ContextVar.get, and
+    the module-global mirror of the stack stands in (forced here on any torch)."""
+    if dynamo_traces_contextvars and not _backend._DYNAMO_TRACES_CONTEXTVARS:
+        pytest.skip(f"Dynamo of torch {torch.__version__} cannot trace ContextVar.get")
+    monkeypatch.setattr(_backend, "_DYNAMO_TRACES_CONTEXTVARS", dynamo_traces_contextvars)
+    torch._dynamo.reset()
+
+    def f(x):
+        return x + len(_backend.requested_backend())
+
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    x = torch.zeros(3)
+    seen = []
+    for name in ("reference", "cpu", "reference"):
+        with pk.use_backend(name):
+            seen.append(int(compiled(x)[0]))
+    assert seen == [len("reference"), len("cpu"), len("reference")]
+    torch._dynamo.reset()
