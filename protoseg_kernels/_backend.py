@@ -112,7 +112,8 @@ def use_backend(name: str) -> Iterator[None]:
     """Run the ops inside the ``with`` block on backend ``name`` (or ``"auto"``).
 
     The choice is read when an op is called; under ``torch.compile`` it is read
-    once, at trace time. It applies to the calling thread (or asyncio task) only.
+    once, at trace time (and a change recompiles). It applies to the calling thread (or
+    asyncio task) only; compiled code on torch before 2.14 sees the block entered last.
     """
     global _traced_overrides
     token = _overrides.set(_overrides.get() + (_check_name(name, allow_auto=True),))
