@@ -54,11 +54,7 @@ _SHARED = re.compile(r"(\d+) bytes smem")
 
 
 def find_nvcc() -> str | None:
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var) and (Path(os.environ[var]) / "bin" / "nvcc").exists():
-            return str(Path(os.environ[var]) / "bin" / "nvcc")
-    default = Path("/usr/local/cuda/bin/nvcc")
-    return shutil.which("nvcc") or (str(default) if default.exists() else None)
+    return sass.find_toolkit_binary("nvcc")
 
 
 def compile_flags() -> list[str]:

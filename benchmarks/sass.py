@@ -20,12 +20,18 @@ _FUNCTION = re.compile(r"^\s*Function\s*:\s*(\S+)")
 _TENSOR_CORE = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?(?:HMMA|HGMMA|IMMA|DMMA|BMMA)(?:\.|\s)")
 
 
-def find_cuobjdump() -> str | None:
-    """The toolkit's cuobjdump (CUDA_HOME, PATH), else the copy Triton ships."""
+def find_toolkit_binary(name: str) -> str | None:
+    """A CUDA toolkit program: under CUDA_HOME or CUDA_PATH, on PATH, or in /usr/local/cuda."""
     for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var) and (Path(os.environ[var]) / "bin" / "cuobjdump").exists():
-            return str(Path(os.environ[var]) / "bin" / "cuobjdump")
-    found = shutil.which("cuobjdump")
+        if os.environ.get(var) and (Path(os.environ[var]) / "bin" / name).exists():
+            return str(Path(os.environ[var]) / "bin" / name)
+    default = Path("/usr/local/cuda/bin") / name
+    return shutil.which(name) or (str(default) if default.exists() else None)
+
+
+def find_cuobjdump() -> str | None:
+    """The toolkit's cuobjdump, else the copy Triton ships (a minimal toolkit has none)."""
+    found = find_toolkit_binary("cuobjdump")
     if found:
         return found
     try:
