@@ -178,6 +178,7 @@ def test_resume_continues_identically(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("backbone", ["resnet18"])
 def test_the_head_trains_on_a_resnet_backbone(backbone, tmp_path):
+    pytest.importorskip("torchvision")
     config = load_config("demo", (*TINY, f"model.backbone={backbone}", "model.output_stride=32", "optim.iters=2",
                                   "train.eval_every=0", "data.batch_size=2", "data.synthetic_image_size=64",
                                   "data.crop_size=[64,64]", f"train.output_dir={tmp_path}"))
