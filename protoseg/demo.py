@@ -38,7 +38,7 @@ def train_run(head: str, out: Path, extra: Sequence[str]) -> dict:
     try:
         return trainer.train()
     finally:
-        trainer.context.close()
+        trainer.close()
 
 
 DOCS_BEGIN, DOCS_END = "<!-- demo-results:begin -->", "<!-- demo-results:end -->"

@@ -72,3 +72,4 @@ class DistributedContext:
     def close(self) -> None:
         if self.group is not None and dist.is_initialized():
             dist.destroy_process_group()
+        self.group = None

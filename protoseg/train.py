@@ -59,7 +59,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     try:
         return trainer.train()
     finally:
-        trainer.context.close()
+        trainer.close()
 
 
 def _input_errors() -> tuple[type[Exception], ...]:

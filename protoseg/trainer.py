@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -113,6 +114,20 @@ class Trainer:
         if self.context.group is not None:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = DistributedDataParallel(self.model, device_ids=device_ids)
+
+    def close(self) -> None:
+        """Free the DistributedDataParallel wrapper, then leave the process group.
+
+        Call it once training and evaluation are over. The wrapper's reducer must go
+        while the process group and the interpreter are still alive: left to
+        interpreter shutdown under gloo, its teardown now and then aborts the rank
+        ("terminate called without an active exception", SIGABRT) after a run that
+        otherwise succeeded. The trainer sits in reference cycles, so dropping it does
+        not free the wrapper at once: hence the collection.
+        """
+        self.train_model = self.model
+        gc.collect()
+        self.context.close()
 
     # ----------------------------------------------------------------- set-up
     def _amp_dtype(self) -> torch.dtype | None:

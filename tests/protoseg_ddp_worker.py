@@ -3,6 +3,7 @@ in DistributedDataParallel on its shard of a batch and saves what it saw."""
 
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -37,13 +38,15 @@ def run_rank(rank: int, world: int, init_file: str, out_dir: str, case: dict) ->
 
         loss_fn = PixelPrototypeCELoss(ignore_index=case["ignore_index"])
         steps = [shard(batch, rank) for batch in case["batches"]]
-        results = {}
-        for mode in ("global", "compat"):
-            head = make_head(compat="protoseg" if mode == "compat" else None, process_group=dist.group.WORLD)
-            model = DistributedDataParallel(head)
-            records = train_steps(model, loss_fn, steps,
-                                  lambda step: torch.Generator().manual_seed(1000 * rank + step))
-            results[mode] = {"records": records, "parameters": dict(head.named_parameters())}
+        results = {mode: train_mode(mode, rank, loss_fn, steps, make_head) for mode in ("global", "compat")}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
+        gc.collect()  # the DDP wrappers go before the group (see protoseg.trainer.Trainer.close)
         dist.destroy_process_group()
+
+
+def train_mode(mode: str, rank: int, loss_fn, steps, make_head) -> dict:
+    head = make_head(compat="protoseg" if mode == "compat" else None, process_group=dist.group.WORLD)
+    model = DistributedDataParallel(head)
+    records = train_steps(model, loss_fn, steps, lambda step: torch.Generator().manual_seed(1000 * rank + step))
+    return {"records": records, "parameters": dict(head.named_parameters())}

@@ -125,3 +125,38 @@ def test_cli_under_torchrun_shards_training_and_evaluation(tmp_path):
     assert int(matrix.counts.sum()) == sum(int((labels != IGNORE_INDEX).sum()) for _, labels in batches)
     assert matrix.summary(class_names) == {k: v for k, v in metrics.items() if k != "iter"}
     assert int(matrix.counts.diagonal()[1:].sum()) > 0, "the test needs predictions beyond the background"
+
+
+def test_trainer_close_frees_the_ddp_wrapper_before_leaving_the_group(tmp_path, monkeypatch):
+    """Left to interpreter shutdown, gloo's DDP teardown now and then aborts a rank after a
+    run that succeeded; ``Trainer.close`` frees the wrapper while the group still exists."""
+    import weakref
+
+    import torch.distributed as dist
+    import yaml
+    from protoseg_fixtures import tiny_training_config
+    from torch.nn.parallel import DistributedDataParallel
+
+    from protoseg.config import load_config
+    from protoseg.distributed import DistributedContext
+    from protoseg.trainer import Trainer
+
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(tiny_training_config(iters=1)))
+    config = load_config(str(config_file), (f"train.output_dir={tmp_path / 'run'}",))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        trainer = Trainer(config, DistributedContext(0, 1, torch.device("cpu"), dist.group.WORLD))
+        trainer.train()
+        wrapper = weakref.ref(trainer.train_model)
+        assert isinstance(wrapper(), DistributedDataParallel)
+        wrapper_alive_at_destroy = []
+        destroy = dist.destroy_process_group
+        monkeypatch.setattr(dist, "destroy_process_group",
+                            lambda: (wrapper_alive_at_destroy.append(wrapper() is not None), destroy()))
+        trainer.close()
+        assert wrapper_alive_at_destroy == [False]
+        assert not dist.is_initialized() and trainer.context.group is None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
