@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
 
 @pytest.fixture(autouse=True)
@@ -76,3 +79,10 @@ def tiny_training_config(train_images: int = 24, val_images: int = 6, iters: int
         "optim": {"optimizer": "sgd", "lr": 0.05, "iters": iters},
         "train": {"log_every": log_every, "eval_every": eval_every, "progress": False},
     }
+
+
+def write_tiny_training_config(folder: Path, **sizes) -> Path:
+    """``folder/tiny.yaml`` holding :func:`tiny_training_config` (``sizes`` are its arguments)."""
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_training_config(**sizes)))
+    return path

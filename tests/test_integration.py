@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from protoseg_fixtures import single_thread, tiny_training_config  # noqa: F401
+from protoseg_fixtures import single_thread, write_tiny_training_config  # noqa: F401
 from torch import nn
 
 import protoseg
@@ -169,9 +168,6 @@ def test_the_in_place_classifier_replacement_fails_with_a_message_pointing_to_th
     assert predict_logits(SegmentationModel(backbone, fcn.classifier), images).shape == (1, 3, 32, 32)
 
 
-TINY = tiny_training_config(train_images=8, val_images=3, iters=2, log_every=1, eval_every=2)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A trainer after a two-step run, and the checkpoint it wrote."""
@@ -179,8 +175,7 @@ def trained(tmp_path_factory):
     from protoseg.trainer import Trainer
 
     folder = tmp_path_factory.mktemp("integration")
-    config = folder / "tiny.yaml"
-    config.write_text(yaml.safe_dump(TINY))
+    config = write_tiny_training_config(folder, train_images=8, val_images=3, iters=2, log_every=1, eval_every=2)
     trainer = Trainer(load_config(str(config), (f"train.output_dir={folder / 'run'}",)))
     trainer.train()
     return trainer, folder / "run" / "last.pt"

@@ -133,17 +133,14 @@ def test_trainer_close_frees_the_ddp_wrapper_before_leaving_the_group(tmp_path, 
     import weakref
 
     import torch.distributed as dist
-    import yaml
-    from protoseg_fixtures import tiny_training_config
+    from protoseg_fixtures import write_tiny_training_config
     from torch.nn.parallel import DistributedDataParallel
 
     from protoseg.config import load_config
     from protoseg.distributed import DistributedContext
     from protoseg.trainer import Trainer
 
-    config_file = tmp_path / "tiny.yaml"
-    config_file.write_text(yaml.safe_dump(tiny_training_config(iters=1)))
-    config = load_config(str(config_file), (f"train.output_dir={tmp_path / 'run'}",))
+    config = load_config(str(write_tiny_training_config(tmp_path, iters=1)), (f"train.output_dir={tmp_path / 'run'}",))
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         trainer = Trainer(config, DistributedContext(0, 1, torch.device("cpu"), dist.group.WORLD))

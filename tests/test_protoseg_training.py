@@ -11,8 +11,8 @@ import yaml
 from protoseg_fixtures import (  # noqa: F401
     assert_same_state,
     single_thread,
-    tiny_training_config,
     train_until_first_checkpoint,
+    write_tiny_training_config,
 )
 
 from protoseg import train, visualize
@@ -21,14 +21,10 @@ from protoseg.config import ConfigError, load_config
 from protoseg.data import build_datasets
 from protoseg.trainer import Trainer
 
-TINY = tiny_training_config()
-
 
 @pytest.fixture
 def tiny_config(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(TINY))
-    return path
+    return write_tiny_training_config(tmp_path)
 
 
 def read_log(run_dir):
